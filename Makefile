@@ -1,0 +1,74 @@
+# The README's commands. `make book` and `make test` set everything up on a
+# fresh machine (Python >= 3.10 and make); `make help` lists the rest.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+
+# On Linux without an NVIDIA driver, take PyTorch's CPU-only wheels (about
+# 200 MB) instead of the multi-GB CUDA build that PyPI serves by default.
+# Override with `make TORCH_INDEX= ...` (PyPI's default build) or your own.
+ifeq ($(shell uname -s),Linux)
+ifeq ($(shell command -v nvidia-smi),)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+endif
+endif
+PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+
+.DEFAULT_GOAL := help
+.PHONY: help venv export clean-nbs execute book test test-fast drift \
+	nbtest pytest wheel clean
+
+help: ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
+	  awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements-dev.txt setup.py settings.ini
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(PIP_TORCH) \
+	  "$$(grep -E '^torch==' requirements-dev.txt)"
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+venv: $(STAMP) ## create .venv with the pinned tools and the package
+
+export: $(STAMP) ## notebooks -> llm_from_scratch/ (nbdev_export)
+	$(BIN)/nbdev_export
+
+clean-nbs: $(STAMP) ## strip notebook metadata noise (nbdev_clean)
+	$(BIN)/nbdev_clean
+
+execute: $(STAMP) ## re-run every chapter and store its outputs
+	$(PY) book/build.py execute
+	$(BIN)/nbdev_clean
+
+book: $(STAMP) ## export the package and build the PDF book
+	$(PY) book/build.py pdf --publish
+
+drift: $(STAMP) ## fail if nbdev_export or nbdev_clean would change a file
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || \
+	  { echo "drift: not a git checkout; nothing to compare"; exit 0; }; \
+	before=$$(git status --porcelain; git diff); \
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean || exit 1; \
+	after=$$(git status --porcelain; git diff); \
+	if [ "$$before" != "$$after" ]; then \
+	  git status --short; \
+	  echo "drift: nbdev_export/nbdev_clean changed the files above: the"; \
+	  echo "notebooks and llm_from_scratch/ were out of step. Review and"; \
+	  echo "commit the changes (never edit llm_from_scratch/*.py by hand)."; \
+	  exit 1; \
+	else echo "drift: notebooks, package and cleanliness agree"; fi
+
+nbtest: $(STAMP) ## run every chapter's cells (nbdev_test)
+	$(BIN)/nbdev_test --n_workers 2 --do_print
+
+pytest: $(STAMP) ## run tests/ (book build, packaging, parity, CLI)
+	$(BIN)/pytest -q tests
+
+test: drift nbtest pytest ## everything CI runs
+
+clean: ## remove build outputs (keeps .venv and the committed PDF)
+	rm -rf _book _build _proc _docs dist build *.egg-info

@@ -1,0 +1,36 @@
+"""The package: built as a wheel, installed into a fresh venv, imported."""
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run(*cmd, **kw):
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                       **kw)
+    assert r.returncode == 0, f'{cmd}:\n{r.stdout}\n{r.stderr}'
+    return r.stdout
+
+
+def test_wheel_installs_into_a_fresh_venv(tmp_path):
+    version = re.search(r'^version\s*=\s*(\S+)',
+                        (ROOT / 'settings.ini').read_text(), re.M).group(1)
+    dist = tmp_path / 'dist'
+    run(sys.executable, '-m', 'build', '--wheel', '--no-isolation',
+        '--outdir', dist, ROOT, cwd=tmp_path)
+    wheel, = dist.glob('llm_from_scratch-*.whl')
+    assert version in wheel.name
+
+    venv = tmp_path / 'venv'
+    run(sys.executable, '-m', 'venv', venv)
+    py = venv / 'bin' / 'python'
+    # the dev pins as constraints: a requirement on torch then takes the
+    # pinned (CPU, here) build, never a multi-GB CUDA one
+    run(py, '-m', 'pip', 'install', '--quiet', '-c',
+        ROOT / 'requirements-dev.txt', wheel)
+    out = run(py, '-c', 'import llm_from_scratch as m; '
+              'print(m.__version__, m.__file__)', cwd=tmp_path)
+    got_version, where = out.split()
+    assert got_version == version
+    assert str(venv) in where, 'imported from the wrong place'
