@@ -27,7 +27,7 @@ help: ## list the commands
 
 $(STAMP): requirements-dev.txt setup.py settings.ini
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_TORCH) \
+	$(PY) -m pip install --quiet --no-deps $(PIP_TORCH) \
 	  "$$(grep -E '^torch==' requirements-dev.txt)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -398,15 +398,16 @@ def render_pandoc(book, nbs, work):
 
 def render_quarto(book, work):
     "`quarto render --to typst` from `_quarto.yml`; returns the PDF path."
-    root = book['root']
-    subprocess.run(['quarto', 'render', '--to', 'typst'], cwd=root,
-                   check=True)
-    pdf = book['out_dir'] / book['out_name']
-    if not pdf.exists():
-        raise BookError(f'quarto render did not write {pdf}')
-    tmp = work / 'book.pdf'
-    shutil.copyfile(pdf, tmp)
-    return tmp
+    root, out_dir = book['root'], work / 'quarto'
+    stamp = (f'version {package_version(root)}, git commit '
+             f'{git_commit(root)}, {datetime.date.today().isoformat()}')
+    r = subprocess.run(['quarto', 'render', '--to', 'typst', '--output-dir',
+                        str(out_dir), f'--metadata=date:{stamp}'], cwd=root)
+    pdf = out_dir / book['out_name']
+    if r.returncode != 0 or not pdf.exists():
+        raise BookError(f'quarto render failed (exit {r.returncode}); see '
+                        f'its messages above')
+    return pdf
 
 
 def stamp_digest(pdf, digest):
@@ -453,8 +454,12 @@ def build_pdf(root=ROOT, publish=False, quarto=None, log=print):
     replace_atomic(pdf, out)
     log(f'wrote {rel(out, root)}')
     if publish:
-        replace_atomic(pdf, root / PUBLISHED)
-        log(f'wrote {PUBLISHED} (commit it: readers download this file)')
+        published = root / PUBLISHED
+        if published.exists() and pdf_digest(published) == digest:
+            log(f'{PUBLISHED} is current for these sources: left as is')
+        else:
+            replace_atomic(pdf, published)
+            log(f'wrote {PUBLISHED} (commit it: readers download this file)')
     return out
 
 
