@@ -42,7 +42,7 @@ export: $(STAMP) ## notebooks -> llm_from_scratch/ (nbdev_export)
 clean-nbs: $(STAMP) ## strip notebook metadata noise (nbdev_clean)
 	$(BIN)/nbdev_clean
 
-execute: $(STAMP) ## re-run every chapter and store its outputs
+execute: export ## re-run every chapter and store its outputs
 	$(PY) book/build.py execute
 	$(BIN)/nbdev_clean
 

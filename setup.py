@@ -35,7 +35,7 @@ setuptools.setup(
                                                cfg['lib_path'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={},
+    extras_require={'hf': ['datasets>=2.14']},  # Hugging Face datasets
     python_requires='>=' + min_python,
     long_description=(here / 'README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',

@@ -45,6 +45,11 @@ _CITE = re.compile(r'(?<![\w`])@([A-Za-z][\w:.#$%&+?<>~/-]*\w)')
 _XREF = ('fig-', 'tbl-', 'sec-', 'eq-', 'lst-')
 
 
+APPENDICES = ('```{=typst}\n#in-appendix.update(true)\n'
+              '#counter(heading).update(0)\n'
+              '#set heading(numbering: "A.1")\n```')
+
+
 class BookError(Exception):
     "A problem with the book's sources; the message names the file."
 
@@ -71,11 +76,12 @@ def load_book(root=ROOT):
         raise BookError(f'_quarto.yml is not valid YAML: {e}') from None
     book = cfg.get('book') or {}
     chapters = book.get('chapters') or []
+    appendices = book.get('appendices') or []
     if not chapters:
         raise BookError('_quarto.yml: book: chapters is empty; list the '
                         'chapter notebooks there')
     paths = []
-    for ch in chapters:
+    for ch in chapters + appendices:
         name = ch if isinstance(ch, str) else (ch or {}).get('href', '')
         p = root / name
         if not p.exists():
@@ -88,7 +94,8 @@ def load_book(root=ROOT):
     if bib is not None and not bib.exists():
         raise BookError(f"_quarto.yml names bibliography '{rel(bib, root)}',"
                         f' which does not exist')
-    return dict(root=root, title=book.get('title', ''),
+    return dict(root=root, first_appendix=len(chapters) if appendices
+                else None, title=book.get('title', ''),
                 subtitle=book.get('subtitle', ''),
                 author=book.get('author', ''), chapters=paths, bib=bib,
                 out_name=book.get('output-file', 'book') + '.pdf',
@@ -326,6 +333,8 @@ def book_markdown(book, nbs, work):
     for i, (path, nb) in enumerate(zip(book['chapters'], nbs)):
         stem = path.resolve().stem
         writer = ChapterWriter(rel(path, book['root']), stem, img_dir)
+        if i == book['first_appendix']:
+            parts.append(APPENDICES)
         parts.append(writer.write(nb, numbered=i > 0))
     if book['bib']:
         parts.append('# References {.unnumbered}\n\n::: {#refs}\n:::\n')
@@ -484,6 +493,12 @@ def execute_chapters(root=ROOT, names=None, log=print):
     book = load_book(root)
     paths = [p.resolve() for p in book['chapters']]
     if names:
+        unknown = [n for n in names if not any(n in (p.stem, p.name)
+                                                for p in paths)]
+        if unknown:
+            raise BookError(f'no chapter named {", ".join(unknown)} in '
+                            f'_quarto.yml (chapters: '
+                            f'{", ".join(p.stem for p in paths)})')
         paths = [p for p in paths if p.stem in names or p.name in names]
     for path in paths:
         read_notebook(path, book['root'])
