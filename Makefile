@@ -16,6 +16,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 endif
 endif
 PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+export TORCH_INDEX  # tests/test_package.py installs torch the same way
 
 .DEFAULT_GOAL := help
 .PHONY: help venv export clean-nbs execute book test test-fast drift \

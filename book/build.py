@@ -43,6 +43,8 @@ DIGEST_KEY = 'book-sources-sha256:'
 _ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
 _CITE = re.compile(r'(?<![\w`])@([A-Za-z][\w:.#$%&+?<>~/-]*\w)')
 _XREF = ('fig-', 'tbl-', 'sec-', 'eq-', 'lst-')
+# math symbols pandoc 3.9 still writes under names Typst 0.15 has dropped
+TYPST_RENAMES = {r'\bsect\b': 'inter', r'\b(dot|plus|times)\.circle\b': r'\1.o'}
 
 
 APPENDICES = ('```{=typst}\n#in-appendix.update(true)\n'
@@ -397,11 +399,16 @@ def render_pandoc(book, nbs, work):
                               extra_args=args, cworkdir=str(work))
     except RuntimeError as e:
         raise BookError(f'pandoc failed on {md}: {e}') from None
+    text = typ.read_text(encoding='utf-8')
+    for old, new in TYPST_RENAMES.items():
+        text = re.sub(old, new, text)
+    typ.write_text(text, encoding='utf-8')
     pdf = work / 'book.pdf'
     try:
         typst.compile(str(typ), output=str(pdf), root=str(work))
     except typst.TypstError as e:
-        raise BookError(f'typst failed on {typ}: {e}') from None
+        where = getattr(e, 'diagnostic', '') or ''
+        raise BookError(f'typst failed on {typ}: {e}\n{where}') from None
     return pdf
 
 

@@ -1,4 +1,5 @@
 """The package: built as a wheel, installed into a fresh venv, imported."""
+import os
 import re
 import subprocess
 import sys
@@ -25,8 +26,14 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path):
     venv = tmp_path / 'venv'
     run(sys.executable, '-m', 'venv', venv)
     py = venv / 'bin' / 'python'
-    # the dev pins as constraints: a requirement on torch then takes the
-    # pinned (CPU, here) build, never a multi-GB CUDA one
+    # torch first, alone, as the Makefile installs it (PyTorch's CPU index
+    # on machines without an NVIDIA driver); then the wheel, with the dev
+    # pins as constraints, so no multi-GB CUDA build is pulled in
+    reqs = (ROOT / 'requirements-dev.txt').read_text()
+    torch_pin = re.search(r'^torch==\S+', reqs, re.M).group(0)
+    index = os.environ.get('TORCH_INDEX')
+    run(py, '-m', 'pip', 'install', '--quiet', '--no-deps', torch_pin,
+        *(['--extra-index-url', index] if index else []))
     run(py, '-m', 'pip', 'install', '--quiet', '-c',
         ROOT / 'requirements-dev.txt', wheel)
     # every chapter module imports with only the declared requirements
