@@ -6,7 +6,7 @@
 __all__ = ['PRESETS', 'ModelConfig', 'RMSNorm', 'make_norm', 'MLP', 'SwiGLU', 'Block', 'GPT', 'preset', 'n_params',
            'flops_per_token', 'meta_model', 'from_hf', 'to_hf', 'config_from_hf']
 
-# %% ../nbs/04_model.ipynb #60415d14
+# %% ../nbs/04_model.ipynb #9ff58efc
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention import CausalSelfAttention, rope_cache
 
-# %% ../nbs/04_model.ipynb #36c82f40
+# %% ../nbs/04_model.ipynb #7eaeb5ee
 @dataclass(frozen=True)
 class ModelConfig:
     "The shape and the architectural choices of a decoder-only model."
@@ -56,7 +56,7 @@ class ModelConfig:
 def _round_up(n, k):
     return -(-n // k) * k
 
-# %% ../nbs/04_model.ipynb #9722102f
+# %% ../nbs/04_model.ipynb #9ec9bc82
 def _check_config(c):
     "Raise ValueError naming the first invalid field of config `c`."
     for name in ('vocab_size', 'block_size', 'n_layer', 'n_head',
@@ -82,7 +82,7 @@ def _check_config(c):
     if not 0 <= c.dropout < 1:
         raise ValueError(f'dropout must be in [0, 1), not {c.dropout}')
 
-# %% ../nbs/04_model.ipynb #fc7058f5
+# %% ../nbs/04_model.ipynb #dafe8026
 class RMSNorm(nn.Module):
     "x / rms(x) * weight, computed in float32."
 
@@ -103,7 +103,7 @@ def make_norm(config):
         return RMSNorm(config.n_embd, config.norm_eps)
     return nn.LayerNorm(config.n_embd, config.norm_eps, bias=config.bias)
 
-# %% ../nbs/04_model.ipynb #8c4ae556
+# %% ../nbs/04_model.ipynb #ed81e318
 class MLP(nn.Module):
     "GPT-2's MLP: Linear, GELU (tanh approximation), Linear."
 
@@ -128,7 +128,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
-# %% ../nbs/04_model.ipynb #0fbf08a5
+# %% ../nbs/04_model.ipynb #406465ed
 class Block(nn.Module):
     "Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."
 
@@ -148,7 +148,7 @@ class Block(nn.Module):
                                     pad_mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
-# %% ../nbs/04_model.ipynb #5a209098
+# %% ../nbs/04_model.ipynb #4070ea0f
 class GPT(nn.Module):
     "A decoder-only Transformer, GPT-2- or Llama-shaped by its config."
 
@@ -180,7 +180,7 @@ class GPT(nn.Module):
                 nn.init.normal_(getattr(m, name).weight,
                                 std=0.02 / math.sqrt(2 * self.config.n_layer))
 
-# %% ../nbs/04_model.ipynb #9fd42c2a
+# %% ../nbs/04_model.ipynb #790d92ab
 @patch
 def forward(self: GPT, idx, targets=None, cache=None, positions=None,
             pad_mask=None):
@@ -191,11 +191,12 @@ def forward(self: GPT, idx, targets=None, cache=None, positions=None,
     if offset + T > c.block_size:
         raise ValueError(f'sequence of {offset + T} tokens is longer than '
                          f'block_size {c.block_size}')
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= c.vocab_size:
-        raise ValueError(f'token id {hi if hi >= c.vocab_size else lo} is '
-                         f'outside the vocabulary (vocab_size '
-                         f'{c.vocab_size})')
+    if not torch.compiler.is_compiling():  # (would break the graph)
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= c.vocab_size:
+            bad = hi if hi >= c.vocab_size else lo
+            raise ValueError(f'token id {bad} is outside the vocabulary '
+                             f'(vocab_size {c.vocab_size})')
     if positions is None:
         positions = torch.arange(offset, offset + T, device=idx.device)
     x = self.tok_emb(idx)                                   # (B, T, C)
@@ -217,7 +218,7 @@ def forward(self: GPT, idx, targets=None, cache=None, positions=None,
                                targets.flatten(), ignore_index=-1)
     return logits, loss
 
-# %% ../nbs/04_model.ipynb #9aa90763
+# %% ../nbs/04_model.ipynb #1e53db92
 _LLAMA = dict(mlp='swiglu', norm='rmsnorm', pos='rope', bias=False)
 PRESETS = {
     'tiny': ModelConfig(),
@@ -242,7 +243,7 @@ def preset(name, **changes):
         raise KeyError(f'no preset {name!r}; presets: {", ".join(PRESETS)}')
     return replace(PRESETS[name], **changes)
 
-# %% ../nbs/04_model.ipynb #c46f6303
+# %% ../nbs/04_model.ipynb #0c5136f8
 def n_params(model, embeddings=True):
     "Parameters of `model` (tied weights once); optionally without pos_emb."
     n = sum(p.numel() for p in model.parameters())
@@ -264,7 +265,7 @@ def meta_model(config):
     with torch.device('meta'):
         return GPT(config)
 
-# %% ../nbs/04_model.ipynb #c98d5be3
+# %% ../nbs/04_model.ipynb #0059bf8a
 def _gpt2_names(c):
     "Ours -> Hugging Face GPT2LMHeadModel names (excluding c_attn)."
     names = {'tok_emb.weight': 'transformer.wte.weight',
@@ -300,7 +301,7 @@ def _llama_names(c):
             names[f'{o}{ours}.weight'] = f'{h}{theirs}.weight'
     return names
 
-# %% ../nbs/04_model.ipynb #d95a5597
+# %% ../nbs/04_model.ipynb #407d2f14
 _TRANSPOSED = ('attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 
 
@@ -350,7 +351,7 @@ def from_hf(model, hf_sd, kind, source='state dict'):
         raise KeyError(f'{source} left {sorted(missing)[:3]} unset')
     return model
 
-# %% ../nbs/04_model.ipynb #db7b6ff3
+# %% ../nbs/04_model.ipynb #20bac12c
 def to_hf(model, kind):
     "The state dict of `model` with Hugging Face `kind` names and layout."
     c, sd = model.config, model.state_dict()
@@ -370,7 +371,7 @@ def to_hf(model, kind):
     out['lm_head.weight'] = sd['lm_head.weight']
     return out
 
-# %% ../nbs/04_model.ipynb #05b617c2
+# %% ../nbs/04_model.ipynb #f9271119
 def config_from_hf(d):
     "A `ModelConfig` and kind ('gpt2'/'llama') from an HF config dict."
     kind = d.get('model_type')
