@@ -6,7 +6,7 @@
 __all__ = ['attention', 'causal_mask', 'repeat_kv', 'rope_cache', 'apply_rope', 'KVCache', 'CausalSelfAttention',
            'kv_cache_bytes']
 
-# %% ../nbs/03_attention.ipynb #963f7b0c
+# %% ../nbs/03_attention.ipynb #1126aa65
 import math
 
 import torch
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-# %% ../nbs/03_attention.ipynb #06518e54
+# %% ../nbs/03_attention.ipynb #b65b19eb
 def attention(q, k, v, mask=None):
     "Softmax(q kᵀ / √d) v; `mask` is True where attending is allowed."
     d = q.shape[-1]
@@ -24,14 +24,14 @@ def attention(q, k, v, mask=None):
     weights = scores.softmax(dim=-1)
     return weights @ v, weights  # (..., T, d), (..., T, S)
 
-# %% ../nbs/03_attention.ipynb #daf65ee6
+# %% ../nbs/03_attention.ipynb #45f3da4a
 def causal_mask(T, S=None, offset=0, device=None):
     "(T, S) bool mask: query `i` (at position `offset + i`) sees keys `<=`."
     S = T + offset if S is None else S
     i = torch.arange(T, device=device)[:, None] + offset
     return torch.arange(S, device=device)[None, :] <= i
 
-# %% ../nbs/03_attention.ipynb #425eef4a
+# %% ../nbs/03_attention.ipynb #63944623
 def repeat_kv(x, n_rep):
     "(B, n_kv_head, S, hs) -> (B, n_kv_head * n_rep, S, hs), heads repeated."
     if n_rep == 1:
@@ -40,7 +40,7 @@ def repeat_kv(x, n_rep):
     return x[:, :, None].expand(B, H, n_rep, S, hs).reshape(B, H * n_rep,
                                                             S, hs)
 
-# %% ../nbs/03_attention.ipynb #cd5a522a
+# %% ../nbs/03_attention.ipynb #b3955d53
 def rope_cache(T, head_dim, base=10_000.0, device=None):
     "cos and sin of the RoPE angles for positions 0..T-1: two (T, head_dim)."
     if head_dim % 2:
@@ -60,7 +60,7 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
-# %% ../nbs/03_attention.ipynb #d3f0f767
+# %% ../nbs/03_attention.ipynb #e26bb051
 class KVCache(nn.Module):
     "Preallocated keys and values of one layer: (B, n_kv_head, max_len, hs)."
 
@@ -85,7 +85,7 @@ class KVCache(nn.Module):
         self.pos += T
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
-# %% ../nbs/03_attention.ipynb #0ced8648
+# %% ../nbs/03_attention.ipynb #5a546d4d
 class CausalSelfAttention(nn.Module):
     "Multi-head causal self-attention with `n_kv_head` key/value heads."
 
@@ -107,7 +107,7 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(n_embd, kv_dim, bias=bias)
         self.o_proj = nn.Linear(n_embd, n_embd, bias=bias)
 
-# %% ../nbs/03_attention.ipynb #bb35674b
+# %% ../nbs/03_attention.ipynb #bb54ec0f
 def _heads(x, n, hs):
     "(B, T, n * hs) -> (B, n, T, hs)"
     B, T, _ = x.shape
@@ -135,16 +135,23 @@ def forward(self: CausalSelfAttention, x, cos=None, sin=None, cache=None,
     if cache is None and pad_mask is None:
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p,
                                            is_causal=True)
+    elif T == 1 and pad_mask is None:  # one new token sees every key
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
     else:
-        mask = causal_mask(T, k.shape[2], offset, x.device)  # (T, S)
-        if pad_mask is not None:
-            mask = mask & pad_mask[:, None, None, :]  # (B, 1, T, S)
+        S = k.shape[2]
+        mask = causal_mask(T, S, offset, x.device)  # (T, S)
+        if pad_mask is not None:  # (B, S): False at padding
+            own = torch.arange(S, device=x.device) == \
+                torch.arange(T, device=x.device)[:, None] + offset
+            # never attend to padding, but let every position see itself:
+            # a row with nothing to attend to would make softmax NaN
+            mask = mask & pad_mask[:, None, None, :] | own  # (B, 1, T, S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=p)
     y = y.transpose(1, 2).reshape(B, T, C)          # (B, T, C)
     return self.o_proj(y)
 
-# %% ../nbs/03_attention.ipynb #dace071c
+# %% ../nbs/03_attention.ipynb #80ada9fe
 def kv_cache_bytes(n_layer, n_kv_head, head_dim, seq_len, batch_size=1,
                    bytes_per_value=2):
     "Bytes of a KV cache: keys and values for every layer and position."

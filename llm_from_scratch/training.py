@@ -7,7 +7,7 @@ __all__ = ['PEAK_FLOPS', 'CKPT_FORMAT', 'CKPT_VERSION', 'evaluate', 'param_group
            'save_checkpoint', 'latest_checkpoint', 'read_checkpoint_meta', 'load_checkpoint', 'CSVTracker', 'read_log',
            'TrainConfig', 'check_train_config', 'sample', 'build_run', 'train', 'train_cli']
 
-# %% ../nbs/05_training.ipynb #cd5ede2d
+# %% ../nbs/05_training.ipynb #9bc1b352
 import contextlib
 import csv
 import json
@@ -29,7 +29,7 @@ from .data import BatchLoader, load_split
 from .model import GPT, ModelConfig, flops_per_token, preset
 from .tokenizer import Tokenizer
 
-# %% ../nbs/05_training.ipynb #20365853
+# %% ../nbs/05_training.ipynb #5d02ba57
 @torch.no_grad()
 def evaluate(model, loader, n_batches, device=None):
     "Mean loss and perplexity of `model` on `n_batches` from `loader`."
@@ -44,7 +44,7 @@ def evaluate(model, loader, n_batches, device=None):
     mean = sum(losses) / len(losses)
     return dict(loss=mean, perplexity=math.exp(min(mean, 50)))
 
-# %% ../nbs/05_training.ipynb #7da2229d
+# %% ../nbs/05_training.ipynb #712d2290
 def param_groups(model, weight_decay):
     "AdamW groups: decay the weights of linear layers, nothing else."
     decay, rest = [], []
@@ -62,7 +62,7 @@ def param_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay),
             dict(params=rest, weight_decay=0.0)]
 
-# %% ../nbs/05_training.ipynb #ed0057c4
+# %% ../nbs/05_training.ipynb #73ea67b2
 def lr_schedule(step, warmup_steps, max_steps, min_lr_ratio=0.1):
     "Multiplier of the peak learning rate at `step`: warmup, then cosine."
     if step < warmup_steps:
@@ -72,7 +72,7 @@ def lr_schedule(step, warmup_steps, max_steps, min_lr_ratio=0.1):
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (
         1 + math.cos(math.pi * progress))
 
-# %% ../nbs/05_training.ipynb #50d9117e
+# %% ../nbs/05_training.ipynb #d09209ce
 PEAK_FLOPS = {  # dense bf16 peak FLOP/s from datasheets (fp32: / ~15)
     'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12,
     'A10': 125e12, 'RTX 4090': 165e12}
@@ -102,7 +102,7 @@ def peak_flops(device, dtype=torch.float32):
                 return flops if dtype == torch.bfloat16 else flops / 15
     return matmul_flops(device, dtype)
 
-# %% ../nbs/05_training.ipynb #9a1483f9
+# %% ../nbs/05_training.ipynb #6e933374
 CKPT_FORMAT, CKPT_VERSION = 'llm_from_scratch.checkpoint', 1
 
 
@@ -135,7 +135,7 @@ def latest_checkpoint(run_dir):
     done = sorted((Path(run_dir) / 'checkpoints').glob('step-*'))
     return done[-1] if done else None
 
-# %% ../nbs/05_training.ipynb #174832a4
+# %% ../nbs/05_training.ipynb #26873af0
 def read_checkpoint_meta(path):
     "The checked `state.json` of the checkpoint folder `path`."
     path = Path(path)
@@ -182,7 +182,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     torch.set_rng_state(load_file(str(path / 'rng.safetensors'))['cpu'])
     return meta['step']
 
-# %% ../nbs/05_training.ipynb #e5fc285b
+# %% ../nbs/05_training.ipynb #5ca2e049
 class CSVTracker(GeneralTracker):
     "An Accelerate tracker that appends metrics to `<run_dir>/log.csv`."
     name, requires_logging_directory, main_process_only = 'csv', False, True
@@ -197,7 +197,7 @@ class CSVTracker(GeneralTracker):
         return self.path
 
     def store_init_configuration(self, values):
-        (self.path.parent / 'config.json').write_text(
+        (self.path.parent / 'train_config.json').write_text(
             json.dumps(values, indent=1, default=str))
 
     def log(self, values, step=None, **kwargs):
@@ -216,7 +216,7 @@ def read_log(run_dir):
         return [{k: float(v) if v not in ('', None) else None
                  for k, v in row.items()} for row in csv.DictReader(f)]
 
-# %% ../nbs/05_training.ipynb #8cfd0aae
+# %% ../nbs/05_training.ipynb #feeecfd5
 @dataclass(frozen=True)
 class TrainConfig:
     "Everything that defines a training run."
@@ -245,7 +245,7 @@ class TrainConfig:
     seed: int = 0
     log_with: tuple = ('csv',)      # Accelerate trackers
 
-# %% ../nbs/05_training.ipynb #9ff257c2
+# %% ../nbs/05_training.ipynb #1744f254
 def check_train_config(c):
     "Raise ValueError naming the first impossible setting of `c`."
     for name in ('block_size', 'batch_size', 'grad_accum', 'max_steps',
@@ -266,7 +266,7 @@ def check_train_config(c):
     if not c.lr > 0:
         raise ValueError(f'lr must be positive, not {c.lr}')
 
-# %% ../nbs/05_training.ipynb #d7eb54a3
+# %% ../nbs/05_training.ipynb #cc3d37be
 @torch.no_grad()
 def sample(model, tok, prompt, n_tokens=60, temperature=0.8, seed=0):
     "Continue `prompt` by `n_tokens` sampled tokens (no KV cache)."
@@ -283,7 +283,7 @@ def sample(model, tok, prompt, n_tokens=60, temperature=0.8, seed=0):
     model.train(was_training)
     return tok.decode(idx[0].tolist())
 
-# %% ../nbs/05_training.ipynb #25ccfcf8
+# %% ../nbs/05_training.ipynb #d8716a44
 def _precision(c):
     if c.precision == 'auto':
         return 'bf16' if torch.cuda.is_available() and \
@@ -315,7 +315,7 @@ def build_run(c, accelerator):
                       c.seed, rank, world)
     return tok, model, opt, sched, train, val
 
-# %% ../nbs/05_training.ipynb #7bd31be7
+# %% ../nbs/05_training.ipynb #4fbb8e7d
 def train(c=TrainConfig(), resume=False, progress=True, prepare=None,
           stop_after=None):
     "Run the training loop of config `c`; return the run's log rows."
@@ -396,7 +396,7 @@ def train(c=TrainConfig(), resume=False, progress=True, prepare=None,
     acc.end_training()
     return read_log(run_dir) if acc.is_main_process else None
 
-# %% ../nbs/05_training.ipynb #734b991b
+# %% ../nbs/05_training.ipynb #62ae88c8
 def _write_sample(run_dir, step, text):
     "Append a generated sample to `<run_dir>/samples.txt`."
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -424,7 +424,7 @@ class _bar:
         if self.tqdm is not None:
             self.tqdm.close()
 
-# %% ../nbs/05_training.ipynb #79a037c2
+# %% ../nbs/05_training.ipynb #5e476923
 from fastcore.script import call_parse
 
 
