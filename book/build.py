@@ -481,7 +481,6 @@ def build_pdf(root=ROOT, publish=False, quarto=None, log=print):
 
 def check_pdf(pdf, root=ROOT):
     "Problems of `pdf` for the book under `root`, as a list of messages."
-    from pypdf import PdfReader
     book = load_book(root)
     problems = []
     if pdf_digest(pdf) != sources_digest(book):

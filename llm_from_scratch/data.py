@@ -441,14 +441,15 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def _progress(total, desc, enabled):
+def _progress(total, desc, enabled, unit='doc', initial=0):
     "A tqdm bar, or a stand-in with the same methods when disabled."
     if enabled:
         from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, unit='doc')
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial)
 
     class Quiet:
         def update(self, n): pass
+        def set_postfix(self, **kw): pass
         def close(self): pass
     return Quiet()
 

@@ -9,7 +9,7 @@ __all__ = ['PRESETS', 'ModelConfig', 'RMSNorm', 'make_norm', 'MLP', 'SwiGLU', 'B
 # %% ../nbs/04_model.ipynb #9ff58efc
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch

@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .data import BatchLoader, load_split
+from .data import BatchLoader, _progress, load_split
 from .model import GPT, ModelConfig, flops_per_token, preset
 from .tokenizer import Tokenizer
 
@@ -316,8 +316,7 @@ def build_run(c, accelerator):
     return tok, model, opt, sched, train, val
 
 # %% ../nbs/05_training.ipynb #4fbb8e7d
-def train(c=TrainConfig(), resume=False, progress=True, prepare=None,
-          stop_after=None):
+def train(c=TrainConfig(), resume=False, progress=True, stop_after=None):
     "Run the training loop of config `c`; return the run's log rows."
     check_train_config(c)
     run_dir = Path(c.out)
@@ -334,7 +333,7 @@ def train(c=TrainConfig(), resume=False, progress=True, prepare=None,
     elif acc.is_main_process and (run_dir / 'log.csv').exists():
         raise FileExistsError(f'{run_dir} already holds a run: pass '
                               f'resume=True (--resume) or another out')
-    model, opt = (prepare or acc.prepare)(model, opt)
+    model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     fwd = torch.compile(model) if c.compile else model
     acc.init_trackers('llm_from_scratch', config=asdict(c))
@@ -344,7 +343,8 @@ def train(c=TrainConfig(), resume=False, progress=True, prepare=None,
     tokens_per_step = (c.batch_size * c.block_size * c.grad_accum
                        * acc.num_processes)
     flops_per_step = flops_per_token(raw, c.block_size) * tokens_per_step
-    bar = _bar(c.max_steps, step, progress and acc.is_local_main_process)
+    bar = _progress(c.max_steps, 'training', progress and
+                    acc.is_local_main_process, unit='step', initial=step)
     if step == 0 and acc.is_main_process:
         _write_sample(run_dir, 0, sample(raw, tok, c.sample_prompt))
     end = c.max_steps if stop_after is None else min(stop_after, c.max_steps)
@@ -380,7 +380,10 @@ def train(c=TrainConfig(), resume=False, progress=True, prepare=None,
             row.update({f'val_{k}': v for k, v in evaluate(
                 model, val_dl, c.eval_batches, acc.device).items()})
         acc.log(row, step=step)
-        bar.update(1, row)
+        bar.update(1)
+        bar.set_postfix(loss=f'{loss:.3f}',
+                        tok_s=f'{row["tokens_per_s"]:,.0f}',
+                        mfu=f'{row["mfu"]:.1%}')
         if acc.is_main_process and c.sample_every and \
                 step % c.sample_every == 0:
             _write_sample(run_dir, step, sample(raw, tok, c.sample_prompt))
@@ -402,27 +405,6 @@ def _write_sample(run_dir, step, text):
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / 'samples.txt', 'a') as f:
         f.write(f'--- step {step} ---\n{text}\n')
-
-
-class _bar:
-    "A tqdm progress bar showing loss, tokens/s and MFU (or nothing)."
-
-    def __init__(self, total, start, enabled):
-        self.tqdm = None
-        if enabled:
-            from tqdm.auto import tqdm
-            self.tqdm = tqdm(total=total, initial=start, unit='step')
-
-    def update(self, n, row):
-        if self.tqdm is not None:
-            self.tqdm.update(n)
-            self.tqdm.set_postfix(loss=f'{row["loss"]:.3f}',
-                                  tok_s=f'{row["tokens_per_s"]:,.0f}',
-                                  mfu=f'{row["mfu"]:.1%}')
-
-    def close(self):
-        if self.tqdm is not None:
-            self.tqdm.close()
 
 # %% ../nbs/05_training.ipynb #5e476923
 from fastcore.script import call_parse

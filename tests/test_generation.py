@@ -8,9 +8,8 @@ import torch
 
 from llm_from_scratch.attention import KVCache
 from llm_from_scratch.generation import (filter_logits, generate,
-                                         generate_tokens, left_pad,
-                                         next_token, stream_text)
-from llm_from_scratch.model import GPT, from_hf, preset
+                                         left_pad, next_token, stream_text)
+from llm_from_scratch.model import GPT, preset
 from llm_from_scratch.tokenizer import Tokenizer
 
 

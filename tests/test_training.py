@@ -105,7 +105,6 @@ def test_crash_while_saving_keeps_the_last_checkpoint(data, tmp_path,
         Path(path).write_bytes(b'half a file')
         raise KeyboardInterrupt('power cut')
     monkeypatch.setattr(training, 'save_model', crash)
-    c = config(data, out)
     model = GPT(preset('tiny', vocab_size=512, block_size=32))
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
