@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'CKPT_FORMAT', 'CKPT_VERSION', 'evaluate', 'param_groups', 'lr_schedule', 'matmul_flops', 'peak_flops',
            'save_checkpoint', 'latest_checkpoint', 'read_checkpoint_meta', 'load_checkpoint', 'CSVTracker', 'read_log',
-           'TrainConfig', 'check_train_config', 'sample', 'build_run', 'train', 'train_cli']
+           'TrainConfig', 'check_train_config', 'sample', 'build_run', 'make_optimizer', 'Replicas', 'parallelism',
+           'train', 'peak_memory_gb', 'train_cli']
 
 # %% ../nbs/05_training.ipynb #9bc1b352
 import contextlib
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -165,6 +167,19 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
                 if getattr(model.config, k) != v}
         raise ValueError(f'{path} holds a different model; (checkpoint, '
                          f'this run) differ in {diff}')
+    if meta.get('sharded'):  # written by FSDP: chapter 6 reads it
+        from llm_from_scratch.distributed import load_sharded
+        load_sharded(path, meta, model, optimizer, scheduler)
+    else:
+        _load_replicated(path, model, optimizer, scheduler)
+    if loader is not None:
+        loader.load_state_dict(meta['loader'])
+    torch.set_rng_state(load_file(str(path / 'rng.safetensors'))['cpu'])
+    return meta['step']
+
+
+def _load_replicated(path, model, optimizer, scheduler):
+    "Weights from safetensors, optimizer and schedule from `optim.pt`."
     load_model(model, str(path / 'model.safetensors'))
     if optimizer is not None or scheduler is not None:
         try:
@@ -177,10 +192,6 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
             optimizer.load_state_dict(state['optimizer'])
         if scheduler is not None:
             scheduler.load_state_dict(state['scheduler'])
-    if loader is not None:
-        loader.load_state_dict(meta['loader'])
-    torch.set_rng_state(load_file(str(path / 'rng.safetensors'))['cpu'])
-    return meta['step']
 
 # %% ../nbs/05_training.ipynb #5ca2e049
 class CSVTracker(GeneralTracker):
@@ -210,6 +221,20 @@ class CSVTracker(GeneralTracker):
             w.writerow(row)
 
 
+def _truncate_log(run_dir, step):
+    "Keep the rows of `log.csv` up to `step` (atomically)."
+    path = Path(run_dir) / 'log.csv'
+    if not path.exists():
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
+    tmp = path.with_suffix('.csv.tmp')
+    with open(tmp, 'w', newline='') as f:
+        csv.writer(f).writerows(keep)
+    os.replace(tmp, path)
+
+
 def read_log(run_dir):
     "The rows of a run's `log.csv`, numbers as floats."
     with open(Path(run_dir) / 'log.csv') as f:
@@ -224,7 +249,7 @@ class TrainConfig:
     out: str = 'runs/tiny'          # checkpoints, log.csv, samples
     model: str = 'tiny'             # a preset of the model chapter
     block_size: int = 128           # context of the training windows
-    batch_size: int = 16            # sequences per micro-batch, per process
+    batch_size: int = 16            # sequences per micro-batch, all ranks
     grad_accum: int = 1             # micro-batches per optimizer step
     max_steps: int = 1000
     lr: float = 3e-3                # peak learning rate
@@ -244,6 +269,7 @@ class TrainConfig:
     sample_prompt: str = 'ROMEO:'
     seed: int = 0
     log_with: tuple = ('csv',)      # Accelerate trackers
+    parallel: str = 'ddp'           # 'ddp' or 'fsdp' (chapter 6)
 
 # %% ../nbs/05_training.ipynb #1744f254
 def check_train_config(c):
@@ -263,6 +289,9 @@ def check_train_config(c):
     if c.precision not in ('auto', 'fp32', 'bf16'):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', "
                          f"not {c.precision!r}")
+    if c.parallel not in ('ddp', 'fsdp'):
+        raise ValueError(f"parallel must be 'ddp' or 'fsdp', not "
+                         f"{c.parallel!r}")
     if not c.lr > 0:
         raise ValueError(f'lr must be positive, not {c.lr}')
 
@@ -295,58 +324,109 @@ def _trackers(c, run_dir):
     return [CSVTracker(run_dir) if t == 'csv' else t for t in c.log_with]
 
 
-def build_run(c, accelerator):
-    "Tokenizer, model, optimizer, schedule and loaders for config `c`."
+def _cpu_launch():
+    "Started by torchrun without GPUs: Accelerate must be told it is CPU."
+    return 'LOCAL_RANK' in os.environ and not torch.cuda.is_available()
+
+
+def build_run(c, world_size=1, rank=0):
+    "Tokenizer, model and this rank's loaders for config `c`."
+    if c.batch_size % world_size:
+        raise ValueError(f'batch_size {c.batch_size} counts the sequences '
+                         f'of all {world_size} processes and must be '
+                         f'divisible by {world_size}: use a multiple of '
+                         f'{world_size}')
     _, train_shards = load_split(c.data, 'train')
     _, val_shards = load_split(c.data, 'val')
     tok = Tokenizer.load(Path(c.data) / 'tokenizer.json')
     torch.manual_seed(c.seed)
     model = GPT(preset(c.model, vocab_size=tok.vocab_size,
                        block_size=c.block_size, dropout=c.dropout))
+    b = c.batch_size // world_size  # this rank's share of each batch
+    train = BatchLoader(train_shards, b, c.block_size, 'random', c.seed,
+                        rank, world_size)
+    val = BatchLoader(val_shards, b, c.block_size, 'sequential', c.seed,
+                      rank, world_size)
+    return tok, model, train, val
+
+
+def make_optimizer(c, model):
+    "AdamW over `model`'s parameters and its warmup-cosine schedule."
     opt = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr,
                             betas=c.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
         lr_schedule, warmup_steps=c.warmup_steps, max_steps=c.max_steps,
         min_lr_ratio=c.min_lr_ratio))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    train = BatchLoader(train_shards, c.batch_size, c.block_size, 'random',
-                        c.seed, rank, world)
-    val = BatchLoader(val_shards, c.batch_size, c.block_size, 'sequential',
-                      c.seed, rank, world)
-    return tok, model, opt, sched, train, val
+    return opt, sched
+
+# %% ../nbs/05_training.ipynb #8d41c0b7
+class Replicas:
+    "A full model in every process; Accelerate adds DDP for several."
+
+    def __init__(self, c):
+        self.c = c
+
+    def accelerator_kwargs(self):
+        return {}
+
+    def wrap(self, acc, model):
+        "(model, optimizer, schedule) placed by `acc`."
+        opt, sched = make_optimizer(self.c, model)
+        model, opt = acc.prepare(model, opt)
+        return model, opt, sched
+
+    def save(self, acc, run_dir, step, model, opt, sched, loader):
+        "The main process writes one checkpoint of the whole state."
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(run_dir, step, acc.unwrap_model(model), opt,
+                            sched, loader, asdict(self.c), self.c.keep)
+        acc.wait_for_everyone()
+
+
+def parallelism(c):
+    "The strategy for `c.parallel`: `Replicas`, or chapter 6's `FSDP`."
+    fsdp_launch = os.environ.get('ACCELERATE_USE_FSDP', '') == 'true'
+    if c.parallel == 'fsdp' or fsdp_launch:
+        from llm_from_scratch.distributed import FSDP  # next chapter
+        return FSDP(c)
+    return Replicas(c)
 
 # %% ../nbs/05_training.ipynb #4fbb8e7d
 def train(c=TrainConfig(), resume=False, progress=True, stop_after=None):
     "Run the training loop of config `c`; return the run's log rows."
     check_train_config(c)
     run_dir = Path(c.out)
+    strategy = parallelism(c)
     AcceleratorState._reset_state()  # a fresh precision setting per run
     acc = Accelerator(mixed_precision=_precision(c),
-                      log_with=_trackers(c, run_dir), project_dir=run_dir)
-    tok, model, opt, sched, train_dl, val_dl = build_run(c, acc)
-    step = 0
+                      log_with=_trackers(c, run_dir), project_dir=run_dir,
+                      cpu=_cpu_launch(), **strategy.accelerator_kwargs())
+    tok, model, train_dl, val_dl = build_run(c, acc.num_processes,
+                                             acc.process_index)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f'--resume: {run_dir} has no checkpoint')
-    if ckpt is not None:
-        step = load_checkpoint(ckpt, model, opt, sched, train_dl)
-    elif acc.is_main_process and (run_dir / 'log.csv').exists():
+    if ckpt is None and (run_dir / 'log.csv').exists():
         raise FileExistsError(f'{run_dir} already holds a run: pass '
                               f'resume=True (--resume) or another out')
-    model, opt = acc.prepare(model, opt)
+    model, opt, sched = strategy.wrap(acc, model)
     raw = acc.unwrap_model(model)
+    step = 0 if ckpt is None else load_checkpoint(ckpt, raw, opt, sched,
+                                                  train_dl)
+    if ckpt is not None and acc.is_main_process:
+        _truncate_log(run_dir, step)  # steps after `ckpt` run again
     fwd = torch.compile(model) if c.compile else model
     acc.init_trackers('llm_from_scratch', config=asdict(c))
     dtype = torch.bfloat16 if acc.mixed_precision == 'bf16' else \
         torch.float32
     peak = peak_flops(acc.device, dtype) * acc.num_processes
-    tokens_per_step = (c.batch_size * c.block_size * c.grad_accum
-                       * acc.num_processes)
+    tokens_per_step = c.batch_size * c.block_size * c.grad_accum
     flops_per_step = flops_per_token(raw, c.block_size) * tokens_per_step
     bar = _progress(c.max_steps, 'training', progress and
                     acc.is_local_main_process, unit='step', initial=step)
-    if step == 0 and acc.is_main_process:
-        _write_sample(run_dir, 0, sample(raw, tok, c.sample_prompt))
+    if step == 0:
+        _sample(acc, raw, tok, c, 0)
     end = c.max_steps if stop_after is None else min(stop_after, c.max_steps)
     while step < end:
         t0 = time.perf_counter()
@@ -360,42 +440,36 @@ def train(c=TrainConfig(), resume=False, progress=True, stop_after=None):
                 _, loss = fwd(x, y)
                 acc.backward(loss / c.grad_accum)
             loss_sum += loss.detach().float()
-        loss = (loss_sum / c.grad_accum).item()
+        loss, mem = _step_stats(acc, loss_sum / c.grad_accum)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f'the loss became {loss} at step {step + 1}; stopping. The '
                 f'last good checkpoint is {latest_checkpoint(run_dir)}: try '
                 f'a lower lr (now {c.lr}) or more warmup_steps')
-        norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip)
+        norm = _item(acc.clip_grad_norm_(model.parameters(), c.grad_clip))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
-        row = dict(loss=loss, lr=sched.get_last_lr()[0],
-                   grad_norm=float(norm), tokens_per_s=tokens_per_step / dt,
-                   mfu=flops_per_step / dt / peak, val_loss=None,
-                   val_perplexity=None)
+        row = dict(loss=loss, lr=sched.get_last_lr()[0], grad_norm=norm,
+                   tokens_per_s=tokens_per_step / dt,
+                   mfu=flops_per_step / dt / peak, peak_mem_gb=mem,
+                   val_loss=None, val_perplexity=None)
         if step % c.eval_every == 0 or step == c.max_steps:
-            row.update({f'val_{k}': v for k, v in evaluate(
-                model, val_dl, c.eval_batches, acc.device).items()})
+            row.update(_evaluate(acc, model, val_dl, c.eval_batches))
         acc.log(row, step=step)
         bar.update(1)
         bar.set_postfix(loss=f'{loss:.3f}',
                         tok_s=f'{row["tokens_per_s"]:,.0f}',
                         mfu=f'{row["mfu"]:.1%}')
-        if acc.is_main_process and c.sample_every and \
-                step % c.sample_every == 0:
-            _write_sample(run_dir, step, sample(raw, tok, c.sample_prompt))
+        if c.sample_every and step % c.sample_every == 0:
+            _sample(acc, raw, tok, c, step)
         if step % c.save_every == 0 or step == end:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_checkpoint(run_dir, step, raw, opt, sched, train_dl,
-                                asdict(c), c.keep)
+            strategy.save(acc, run_dir, step, model, opt, sched, train_dl)
     bar.close()
-    if acc.is_main_process and not (c.sample_every and
-                                    step % c.sample_every == 0):
-        _write_sample(run_dir, step, sample(raw, tok, c.sample_prompt))
+    if not (c.sample_every and step % c.sample_every == 0):
+        _sample(acc, raw, tok, c, step)
     acc.end_training()
     return read_log(run_dir) if acc.is_main_process else None
 
@@ -405,6 +479,44 @@ def _write_sample(run_dir, step, text):
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / 'samples.txt', 'a') as f:
         f.write(f'--- step {step} ---\n{text}\n')
+
+
+def _sample(acc, model, tok, c, step):
+    "Every process samples (sharded weights need all); the main one writes."
+    text = sample(model, tok, c.sample_prompt)
+    if acc.is_main_process:
+        _write_sample(Path(c.out), step, text)
+
+
+def _evaluate(acc, model, loader, n_batches):
+    "Validation loss and perplexity, averaged over all processes."
+    loss = evaluate(model, loader, n_batches, acc.device)['loss']
+    loss = acc.reduce(torch.tensor(loss, device=acc.device), 'mean').item()
+    return dict(val_loss=loss, val_perplexity=math.exp(min(loss, 50)))
+
+
+def peak_memory_gb(device):
+    "Peak memory of this process: CUDA allocations, or resident on CPU."
+    if torch.device(device).type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource  # ru_maxrss: kilobytes on Linux, bytes on macOS
+    except ImportError:  # Windows
+        return float('nan')
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == 'darwin' else 2**20)
+
+
+def _step_stats(acc, loss):
+    "The loss averaged over processes, and the largest peak memory."
+    mem = torch.tensor(peak_memory_gb(acc.device), device=acc.device)
+    stats = acc.gather(torch.stack([loss.float(), mem])[None])
+    return stats[:, 0].mean().item(), stats[:, 1].max().item()
+
+
+def _item(x):
+    "A float from a tensor, gathering a sharded (DTensor) one first."
+    return float(x.full_tensor() if hasattr(x, 'full_tensor') else x)
 
 # %% ../nbs/05_training.ipynb #5e476923
 from fastcore.script import call_parse
@@ -416,7 +528,7 @@ def train_cli(
     out: str = 'runs/tiny',  # run folder: checkpoints, log.csv, samples
     model: str = 'tiny',  # model preset
     block_size: int = None,  # context of the training windows
-    batch_size: int = None,  # sequences per micro-batch per process
+    batch_size: int = None,  # sequences per micro-batch, all processes
     grad_accum: int = None,  # micro-batches per optimizer step
     max_steps: int = None,  # optimizer steps in total
     lr: float = None,  # peak learning rate
@@ -426,6 +538,7 @@ def train_cli(
     eval_every: int = None,  # steps between evaluations
     save_every: int = None,  # steps between checkpoints
     seed: int = None,  # random seed
+    parallel: str = None,  # 'ddp' (replicas) or 'fsdp' (shards)
     config: str = None,  # JSON file of TrainConfig fields
     resume: bool = False,  # continue from the latest checkpoint in --out
 ):
@@ -435,7 +548,7 @@ def train_cli(
         batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
         lr=lr, warmup_steps=warmup_steps, precision=precision,
         eval_every=eval_every, save_every=save_every,
-        seed=seed).items() if v is not None}
+        seed=seed, parallel=parallel).items() if v is not None}
     fields = json.loads(Path(config).read_text()) if config else {}
     unknown = set(fields) - set(TrainConfig.__dataclass_fields__)
     if unknown:
@@ -446,7 +559,11 @@ def train_cli(
     c = replace(TrainConfig(), **{**fields, **given,
                                   'compile': compile or fields.get(
                                       'compile', False)})
-    log = train(c, resume=resume)
+    try:
+        log = train(c, resume=resume)
+    finally:  # a launcher's process group ends with the command
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if log:
         last = log[-1]
         print(f"step {int(last['step'])}: loss {last['loss']:.3f}, "
