@@ -6,7 +6,7 @@
 __all__ = ['STRATEGIES', 'memory_plan', 'shard_model', 'mp_policy', 'shard_report', 'state_bytes', 'fsdp_plugin', 'FSDP',
            'save_sharded', 'check_shards', 'load_sharded', 'export_checkpoint', 'export_cli', 'torchrun']
 
-# %% ../nbs/06_distributed.ipynb #63609c6f
+# %% ../nbs/06_distributed.ipynb #a14a9c70
 import json
 import os
 import shutil
@@ -32,7 +32,7 @@ from .training import (
     CKPT_FORMAT, CKPT_VERSION, _precision, latest_checkpoint,
     load_checkpoint, make_optimizer, read_checkpoint_meta)
 
-# %% ../nbs/06_distributed.ipynb #07bbe402
+# %% ../nbs/06_distributed.ipynb #14a1b4d0
 STRATEGIES = ('ddp', 'zero1', 'zero2', 'fsdp')
 
 
@@ -76,7 +76,7 @@ def memory_plan(c, n_gpus=1, strategy='fsdp', micro_batch=1, seq_len=None,
                 activations=acts, total=params + grads + optim + acts,
                 comm_per_step=comm, n_params=n, per_block=n_block)
 
-# %% ../nbs/06_distributed.ipynb #24cfa5bd
+# %% ../nbs/06_distributed.ipynb #a9a81483
 def shard_model(model, mp_policy=None, reshard_after_forward=True,
                 mesh=None):
     "FSDP2 in place: `fully_shard` each `Block`, then the whole model."
@@ -96,7 +96,7 @@ def mp_policy(precision):
                                     reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
-# %% ../nbs/06_distributed.ipynb #b5a60ac7
+# %% ../nbs/06_distributed.ipynb #35bf7292
 def _local(t):
     return t.to_local() if hasattr(t, 'to_local') else t
 
@@ -126,7 +126,7 @@ def state_bytes(model, optimizer=None):
                 out['optimizer'] += _local(v).nbytes
     return out
 
-# %% ../nbs/06_distributed.ipynb #ea7a55f5
+# %% ../nbs/06_distributed.ipynb #d5257df8
 def fsdp_plugin(precision='no'):
     "Accelerate's FSDP2 plugin, set up as `shard_model` shards on CPU."
     from accelerate import FullyShardedDataParallelPlugin
@@ -178,7 +178,7 @@ class FSDP:
         save_sharded(run_dir, step, acc.unwrap_model(model), opt, sched,
                      loader, asdict(self.c), self.c.keep)
 
-# %% ../nbs/06_distributed.ipynb #652e1ab3
+# %% ../nbs/06_distributed.ipynb #d779d4e6
 def _aliases(model):
     "{tied name: name it shares the tensor with}, e.g. the output head."
     first, out = {}, {}
@@ -236,7 +236,7 @@ def save_sharded(run_dir, step, model, optimizer, scheduler, loader,
     dist.barrier()
     return final
 
-# %% ../nbs/06_distributed.ipynb #c4fedd01
+# %% ../nbs/06_distributed.ipynb #ebf8d746
 def check_shards(path, meta):
     "Raise FileNotFoundError naming any shard file the checkpoint lacks."
     info = meta['sharded']
@@ -273,7 +273,7 @@ def load_sharded(path, meta, model, optimizer=None, scheduler=None):
     if scheduler is not None:
         scheduler.load_state_dict(info['scheduler'])
 
-# %% ../nbs/06_distributed.ipynb #02808c6b
+# %% ../nbs/06_distributed.ipynb #d63df4d5
 def export_checkpoint(checkpoint, out):
     "Consolidate a (sharded) checkpoint into one `model.safetensors`."
     src = Path(checkpoint)
@@ -298,7 +298,7 @@ def export_checkpoint(checkpoint, out):
     os.replace(tmp, out)
     return out / 'model.safetensors'
 
-# %% ../nbs/06_distributed.ipynb #880a7e9c
+# %% ../nbs/06_distributed.ipynb #9fd3fd3c
 from fastcore.script import call_parse
 
 
@@ -311,7 +311,7 @@ def export_cli(
     path = export_checkpoint(checkpoint, out)
     print(f'wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)')
 
-# %% ../nbs/06_distributed.ipynb #f845184f
+# %% ../nbs/06_distributed.ipynb #caa7275f
 def torchrun(nproc, *args, env=None, check=True):
     "Run `llm-from-scratch *args` in `nproc` processes with torchrun."
     exe = Path(sys.executable).parent / 'llm-from-scratch'  # this env's
