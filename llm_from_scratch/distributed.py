@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from accelerate.utils import DistributedType
-from safetensors.torch import save_file, save_model
+from safetensors.torch import save_model
 from torch.distributed.checkpoint import (HuggingFaceStorageReader,
                                           HuggingFaceStorageWriter)
 from torch.distributed.checkpoint.state_dict import (
@@ -29,8 +29,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .model import GPT, Block, ModelConfig, meta_model
 from .training import (
-    CKPT_FORMAT, CKPT_VERSION, _precision, latest_checkpoint,
-    load_checkpoint, make_optimizer, read_checkpoint_meta)
+    _commit, _precision, _write_state, latest_checkpoint, load_checkpoint,
+    make_optimizer, read_checkpoint_meta)
 
 # %% ../nbs/06_distributed.ipynb #14a1b4d0
 STRATEGIES = ('ddp', 'zero1', 'zero2', 'fsdp')
@@ -217,22 +217,12 @@ def save_sharded(run_dir, step, model, optimizer, scheduler, loader,
     tensors, groups = _sharded_state(model, optimizer)
     dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(
         str(tmp / 'shards'), save_distributed=True))
-    if main:
+    if main:  # the rest is chapter 5's, plus where the shards are
         files = sorted(p.name for p in (tmp / 'shards').iterdir())
-        meta = dict(format=CKPT_FORMAT, version=CKPT_VERSION, step=step,
-                    model_config=asdict(model.config),
-                    loader=loader.state_dict(), train_config=train_config,
-                    sharded=dict(world_size=dist.get_world_size(),
-                                 files=files, param_groups=groups,
-                                 scheduler=scheduler.state_dict()))
-        save_file({'cpu': torch.get_rng_state()},
-                  str(tmp / 'rng.safetensors'))
-        (tmp / 'state.json').write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(root.glob('step-*'))[:-keep]:
-            shutil.rmtree(old)
+        _write_state(tmp, step, model, loader, train_config, sharded=dict(
+            world_size=dist.get_world_size(), files=files,
+            param_groups=groups, scheduler=scheduler.state_dict()))
+        _commit(tmp, final, keep)
     dist.barrier()
     return final
 

@@ -119,15 +119,25 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, loader,
     save_model(model, str(tmp / 'model.safetensors'))
     torch.save(dict(optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict()), tmp / 'optim.pt')
-    save_file({'cpu': torch.get_rng_state()}, str(tmp / 'rng.safetensors'))
+    _write_state(tmp, step, model, loader, train_config)
+    return _commit(tmp, final, keep)
+
+
+def _write_state(folder, step, model, loader, train_config, **extra):
+    "The RNG (safetensors) and `state.json` of a checkpoint."
+    save_file({'cpu': torch.get_rng_state()}, str(folder / 'rng.safetensors'))
     meta = dict(format=CKPT_FORMAT, version=CKPT_VERSION, step=step,
                 model_config=asdict(model.config), loader=loader.state_dict(),
-                train_config=train_config)
-    (tmp / 'state.json').write_text(json.dumps(meta, indent=1))
+                train_config=train_config, **extra)
+    (folder / 'state.json').write_text(json.dumps(meta, indent=1))
+
+
+def _commit(tmp, final, keep):
+    "Rename the complete folder `tmp` to `final`; keep the newest `keep`."
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(root.glob('step-*'))[:-keep]:
+    for old in sorted(final.parent.glob('step-*'))[:-keep]:
         shutil.rmtree(old)
     return final
 
