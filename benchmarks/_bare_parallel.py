@@ -2,8 +2,8 @@
 backward, AdamW; no Accelerate, no logging, no clipping) in one process,
 under DDP or with FSDP2's fully_shard. Run by torchrun (or alone for
 'single'); rank 0 prints one JSON line."""
+import gc
 import json
-import resource
 import statistics
 import sys
 import time
@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from llm_from_scratch.data import BatchLoader, load_split
 from llm_from_scratch.distributed import shard_model, state_bytes
 from llm_from_scratch.model import GPT, preset
+from llm_from_scratch.training import peak_memory_gb
 
 data, name, mode, steps, B, T = sys.argv[1], sys.argv[2], sys.argv[3], \
     *map(int, sys.argv[4:7])
@@ -41,13 +42,15 @@ for _ in range(steps):
     opt.step()
     opt.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - t0)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB
+rss = peak_memory_gb('cpu')
 held = sum(state_bytes(model, opt).values())
 stats = torch.tensor([rss, held])
 if mode != 'single':
     gathered = [torch.zeros(2, dtype=stats.dtype) for _ in range(world)]
     dist.all_gather(gathered, stats)
     stats = torch.stack(gathered).max(0).values
+    del model, opt  # before the group: gloo aborts the exit otherwise
+    gc.collect()
     dist.destroy_process_group()
 if rank == 0:
     print(json.dumps({'tokens/s': B * T / statistics.median(times[2:]),

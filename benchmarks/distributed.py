@@ -62,12 +62,12 @@ def ours(work, nproc, parallel, a, env):
 def peer(work, nproc, mode, a, env):
     script = [str(HERE / '_bare_parallel.py'), str(work / 'data'), a.model,
               mode, str(a.steps), str(a.batch), str(a.block)]
-    env = {**os.environ, 'OMP_NUM_THREADS': str(
-        max(1, (os.cpu_count() or 1) // nproc)), **env}
-    cmd = [sys.executable, *script] if nproc == 1 else [
-        sys.executable, '-m', 'torch.distributed.run', '--standalone',
-        f'--nproc_per_node={nproc}', *script]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if nproc == 1:
+        r = subprocess.run([sys.executable, *script], capture_output=True,
+                           text=True, env={**os.environ, **env})
+    else:
+        r = torchrun(nproc, *script[1:], script=script[0], env=env,
+                     check=False)
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])

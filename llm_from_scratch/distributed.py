@@ -27,10 +27,10 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict, set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from .model import GPT, Block, ModelConfig, meta_model
+from .model import Block, meta_model
 from .training import (
-    _commit, _precision, _write_state, latest_checkpoint, load_checkpoint,
-    make_optimizer, read_checkpoint_meta)
+    _commit, _precision, _write_state, latest_checkpoint, make_optimizer,
+    model_from_checkpoint, read_checkpoint_meta)
 
 # %% ../nbs/06_distributed.ipynb #14a1b4d0
 STRATEGIES = ('ddp', 'zero1', 'zero2', 'fsdp')
@@ -273,8 +273,7 @@ def export_checkpoint(checkpoint, out):
     out = Path(out)
     if out.exists():
         raise FileExistsError(f'{out} exists: choose another output folder')
-    model = GPT(ModelConfig(**meta['model_config']))
-    load_checkpoint(src, model)  # one process, whatever the world size
+    model = model_from_checkpoint(src)  # one process, any world size
     tmp = out.with_name(f'.{out.name}.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -302,12 +301,13 @@ def export_cli(
     print(f'wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)')
 
 # %% ../nbs/06_distributed.ipynb #caa7275f
-def torchrun(nproc, *args, env=None, check=True):
-    "Run `llm-from-scratch *args` in `nproc` processes with torchrun."
-    exe = Path(sys.executable).parent / 'llm-from-scratch'  # this env's
-    exe = str(exe) if exe.exists() else shutil.which('llm-from-scratch')
+def torchrun(nproc, *args, script=None, env=None, check=True):
+    "Run `script *args` (default: `llm-from-scratch`) in `nproc` processes."
+    if script is None:
+        exe = Path(sys.executable).parent / 'llm-from-scratch'  # this env's
+        script = exe if exe.exists() else shutil.which('llm-from-scratch')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-           f'--nproc_per_node={nproc}', exe, *map(str, args)]
+           f'--nproc_per_node={nproc}', str(script), *map(str, args)]
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
     env = {**os.environ, 'OMP_NUM_THREADS': threads, **(env or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)

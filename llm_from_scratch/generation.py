@@ -197,10 +197,9 @@ class _HFTokenizer:
 
 def load_for_generation(checkpoint, tokenizer=None):
     "(model, tokenizer) from a run folder, a checkpoint or an HF folder."
-    from llm_from_scratch.model import ModelConfig
     from llm_from_scratch.tokenizer import Tokenizer
     from llm_from_scratch.training import (latest_checkpoint,
-                                           load_checkpoint,
+                                           model_from_checkpoint,
                                            read_checkpoint_meta)
     path = Path(checkpoint)
     if (path / 'checkpoints').exists():  # a training run: its latest
@@ -211,8 +210,7 @@ def load_for_generation(checkpoint, tokenizer=None):
             _HFTokenizer(path / 'tokenizer.json')
         return model.eval(), tok
     meta = read_checkpoint_meta(path)
-    model = GPT(ModelConfig(**meta['model_config']))
-    load_checkpoint(path, model)
+    model = model_from_checkpoint(path)
     tok_path = tokenizer or Path((meta.get('train_config') or {}).get(
         'data', '')) / 'tokenizer.json'
     if not Path(tok_path).exists():

@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'CKPT_FORMAT', 'CKPT_VERSION', 'evaluate', 'param_groups', 'lr_schedule', 'matmul_flops', 'peak_flops',
-           'save_checkpoint', 'latest_checkpoint', 'read_checkpoint_meta', 'load_checkpoint', 'CSVTracker', 'read_log',
-           'TrainConfig', 'check_train_config', 'sample', 'build_run', 'make_optimizer', 'Replicas', 'parallelism',
-           'train', 'peak_memory_gb', 'train_cli']
+           'save_checkpoint', 'latest_checkpoint', 'read_checkpoint_meta', 'load_checkpoint', 'model_from_checkpoint',
+           'CSVTracker', 'read_log', 'TrainConfig', 'check_train_config', 'sample', 'build_run', 'make_optimizer',
+           'Replicas', 'parallelism', 'train', 'peak_memory_gb', 'train_cli']
 
 # %% ../nbs/05_training.ipynb #9bc1b352
 import contextlib
 import csv
+import gc
 import json
 import math
 import os
@@ -202,6 +203,14 @@ def _load_replicated(path, model, optimizer, scheduler):
             optimizer.load_state_dict(state['optimizer'])
         if scheduler is not None:
             scheduler.load_state_dict(state['scheduler'])
+
+
+def model_from_checkpoint(path):
+    "A new model holding the weights of checkpoint folder `path`."
+    meta = read_checkpoint_meta(path)
+    model = GPT(ModelConfig(**meta['model_config']))
+    load_checkpoint(path, model)
+    return model
 
 # %% ../nbs/05_training.ipynb #5ca2e049
 class CSVTracker(GeneralTracker):
@@ -403,9 +412,8 @@ def parallelism(c):
     return Replicas(c)
 
 # %% ../nbs/05_training.ipynb #4fbb8e7d
-def train(c=TrainConfig(), resume=False, progress=True, stop_after=None):
-    "Run the training loop of config `c`; return the run's log rows."
-    check_train_config(c)
+def _run(c, resume, progress, stop_after):
+    "Set up, loop, finish: the body of `train`."
     run_dir = Path(c.out)
     strategy = parallelism(c)
     AcceleratorState._reset_state()  # a fresh precision setting per run
@@ -480,8 +488,20 @@ def train(c=TrainConfig(), resume=False, progress=True, stop_after=None):
     bar.close()
     if not (c.sample_every and step % c.sample_every == 0):
         _sample(acc, raw, tok, c, step)
-    acc.end_training()
+    for tracker in acc.trackers:
+        tracker.finish()
     return read_log(run_dir) if acc.is_main_process else None
+
+
+def train(c=TrainConfig(), resume=False, progress=True, stop_after=None):
+    "Run the training loop of config `c`; return the run's log rows."
+    check_train_config(c)
+    started_here = not torch.distributed.is_initialized()
+    log = _run(c, resume, progress, stop_after)
+    if started_here and torch.distributed.is_initialized():
+        gc.collect()  # the model first: gloo aborts the exit if its work
+        torch.distributed.destroy_process_group()  # outlives the group
+    return log
 
 # %% ../nbs/05_training.ipynb #62ae88c8
 def _write_sample(run_dir, step, text):
@@ -569,11 +589,7 @@ def train_cli(
     c = replace(TrainConfig(), **{**fields, **given,
                                   'compile': compile or fields.get(
                                       'compile', False)})
-    try:
-        log = train(c, resume=resume)
-    finally:  # a launcher's process group ends with the command
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    log = train(c, resume=resume)
     if log:
         last = log[-1]
         print(f"step {int(last['step'])}: loss {last['loss']:.3f}, "

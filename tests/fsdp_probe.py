@@ -1,5 +1,6 @@
 """Run under torchrun: shard a model with FSDP2, take one AdamW step and
 write what this rank holds to `<out>/rank-<r>.json` (for test_distributed)."""
+import gc
 import json
 import sys
 from pathlib import Path
@@ -22,4 +23,6 @@ out = Path(sys.argv[1]) / f'rank-{rank}.json'
 out.write_text(json.dumps(dict(world=dist.get_world_size(),
                                report=shard_report(model, opt),
                                bytes=state_bytes(model, opt))))
+del model, opt  # before the group: gloo aborts the exit otherwise
+gc.collect()
 dist.destroy_process_group()

@@ -6,7 +6,6 @@ import math
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,10 @@ from llm_from_scratch.data import prepare_data, shakespeare
 from llm_from_scratch.distributed import (STRATEGIES, export_checkpoint,
                                           fsdp_plugin, memory_plan, torchrun)
 from llm_from_scratch.generation import load_for_generation
-from llm_from_scratch.model import GPT, ModelConfig, preset
+from llm_from_scratch.model import GPT, preset
 from llm_from_scratch.training import (TrainConfig, build_run,
-                                       latest_checkpoint, load_checkpoint,
+                                       latest_checkpoint,
+                                       model_from_checkpoint,
                                        read_checkpoint_meta, read_log, train)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +41,7 @@ def cli_args(data, out, **kw):
 
 def weights(checkpoint):
     "The full weights of any checkpoint, loaded in this process."
-    meta = read_checkpoint_meta(checkpoint)
-    model = GPT(ModelConfig(**meta['model_config']))
-    load_checkpoint(checkpoint, model)
-    return model.state_dict()
+    return model_from_checkpoint(checkpoint).state_dict()
 
 
 def max_diff(a, b):
@@ -103,11 +100,7 @@ def test_fsdp_checkpoint_is_sharded_safetensors(runs):
 
 
 def test_each_rank_holds_half(tmp_path):
-    r = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-         '--nproc_per_node=2', str(ROOT / 'tests' / 'fsdp_probe.py'),
-         str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(2, tmp_path, script=ROOT / 'tests' / 'fsdp_probe.py')
     ranks = [json.loads((tmp_path / f'rank-{i}.json').read_text())
              for i in range(2)]
     full = GPT(preset('tiny-llama', vocab_size=512, block_size=32))
@@ -157,9 +150,8 @@ def test_missing_shard_is_a_clear_error(runs, tmp_path):
     shutil.copytree(latest_checkpoint(runs / 'fsdp'), ckpt)
     gone = sorted((ckpt / 'shards').iterdir())[1]
     gone.unlink()
-    model = GPT(ModelConfig(**read_checkpoint_meta(ckpt)['model_config']))
     with pytest.raises(FileNotFoundError, match=gone.name) as e:
-        load_checkpoint(ckpt, model)
+        model_from_checkpoint(ckpt)
     assert '1 of 2 shard files are missing' in str(e.value)
 
 
