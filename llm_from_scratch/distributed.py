@@ -4,14 +4,16 @@
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'memory_plan', 'shard_model', 'mp_policy', 'shard_report', 'state_bytes', 'fsdp_plugin', 'FSDP',
-           'save_sharded', 'check_shards', 'load_sharded', 'export_checkpoint', 'export_cli', 'torchrun']
+           'save_sharded', 'check_shards', 'load_sharded', 'export_checkpoint', 'torchrun']
 
 # %% ../nbs/06_distributed.ipynb #a14a9c70
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -20,17 +22,21 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from accelerate.utils import DistributedType
-from safetensors.torch import save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file, save_model
 from torch.distributed.checkpoint import (HuggingFaceStorageReader,
                                           HuggingFaceStorageWriter)
 from torch.distributed.checkpoint.state_dict import (
     get_state_dict, set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from .model import Block, meta_model
+from .model import Block, config_to_hf, meta_model, to_hf
+from .tokenizer import Tokenizer
 from .training import (
-    _commit, _precision, _write_state, latest_checkpoint, make_optimizer,
-    model_from_checkpoint, read_checkpoint_meta)
+    CKPT_VERSION, _commit, _new_tmp, _on_main, _precision,
+    _removed_on_failure, _sha256, _tokenizer_file, _use_umask, _write_state,
+    latest_checkpoint, make_optimizer, model_from_checkpoint,
+    read_checkpoint_meta, rng_states)
 
 # %% ../nbs/06_distributed.ipynb #14a1b4d0
 STRATEGIES = ('ddp', 'zero1', 'zero2', 'fsdp')
@@ -176,7 +182,8 @@ class FSDP:
     def save(self, acc, run_dir, step, model, opt, sched, loader):
         "Every process writes its own shards."
         save_sharded(run_dir, step, acc.unwrap_model(model), opt, sched,
-                     loader, asdict(self.c), self.c.keep)
+                     loader, asdict(self.c), self.c.keep,
+                     _tokenizer_file(self.c))
 
 # %% ../nbs/06_distributed.ipynb #d779d4e6
 def _aliases(model):
@@ -205,31 +212,41 @@ def _sharded_state(model, optimizer=None):
 
 
 def save_sharded(run_dir, step, model, optimizer, scheduler, loader,
-                 train_config=None, keep=2):
+                 train_config=None, keep=2, tokenizer=None):
     "Checkpoint `step` with every rank writing its shards (collective)."
     root = Path(run_dir) / 'checkpoints'
-    final, tmp = root / f'step-{step:07d}', root / f'.step-{step:07d}.tmp'
     main = dist.get_rank() == 0
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+    tmp = Path(_broadcast(_on_main(lambda: str(_new_tmp(root, step)))))
     tensors, groups = _sharded_state(model, optimizer)
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(
-        str(tmp / 'shards'), save_distributed=True))
-    if main:  # the rest is chapter 5's, plus where the shards are
-        files = sorted(p.name for p in (tmp / 'shards').iterdir())
-        _write_state(tmp, step, model, loader, train_config, sharded=dict(
-            world_size=dist.get_world_size(), files=files,
-            param_groups=groups, scheduler=scheduler.state_dict()))
-        _commit(tmp, final, keep)
-    dist.barrier()
-    return final
+    rng = rng_states()  # every rank's generators, gathered
+    with _removed_on_failure(tmp) if main else contextlib.nullcontext():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(
+            str(tmp / 'shards'), save_distributed=True))
+
+    def finish():  # the rest is chapter 5's, plus where the shards are
+        with _removed_on_failure(tmp):
+            files = sorted(p.name for p in (tmp / 'shards').iterdir())
+            _write_state(tmp, step, model, loader, train_config, rng,
+                         tokenizer, sharded=dict(
+                             world_size=dist.get_world_size(), files=files,
+                             param_groups=groups,
+                             scheduler=scheduler.state_dict()))
+            return _commit(tmp, root / f'step-{step:07d}', keep)
+    _on_main(finish)
+    return root / f'step-{step:07d}'
+
+
+def _broadcast(obj):
+    "Rank 0's `obj`, in every rank."
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
 
 # %% ../nbs/06_distributed.ipynb #ebf8d746
-def check_shards(path, meta):
-    "Raise FileNotFoundError naming any shard file the checkpoint lacks."
-    info = meta['sharded']
+def check_shards(path, meta, config=None):
+    "Raise naming any shard file the checkpoint lacks, or `config` misfits."
+    info = _shard_info(path, meta)
     missing = [f for f in info['files']
                if not (Path(path) / 'shards' / f).is_file()]
     if missing:
@@ -238,6 +255,36 @@ def check_shards(path, meta):
             f'shard files are missing ({", ".join(missing)}), written by '
             f'{info["world_size"]} processes. Copy the whole checkpoint '
             f'folder, or resume from an earlier checkpoint')
+    if config is not None:  # from the headers, before building anything
+        n = len({k.split('.')[2] for f in info['files']
+                 for k in _shard_keys(Path(path) / 'shards' / f)
+                 if k.startswith('model.blocks.')})
+        if n != config.n_layer:
+            raise ValueError(f'{path}: the config says n_layer '
+                             f'{config.n_layer} but the shards hold {n} '
+                             f'blocks')
+
+
+def _shard_info(path, meta):
+    "The checked `sharded` entry of a checkpoint's state.json."
+    info = meta['sharded']
+    files = info.get('files') if isinstance(info, dict) else None
+    if not (isinstance(files, list) and files and all(
+            isinstance(f, str) and f == Path(f).name and f not in ('.', '..')
+            for f in files) and isinstance(info.get('world_size'), int)):
+        raise ValueError(f'{Path(path) / "state.json"}: sharded must list '
+                         f'the shard files (plain names) and world_size')
+    return info
+
+
+def _shard_keys(file):
+    "The tensor names in the header of safetensors `file`."
+    try:
+        with safe_open(str(file), 'pt') as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise ValueError(f'{file} is not a valid safetensors file ({e})'
+                         ) from None
 
 
 def load_sharded(path, meta, model, optimizer=None, scheduler=None):
@@ -264,44 +311,82 @@ def load_sharded(path, meta, model, optimizer=None, scheduler=None):
         scheduler.load_state_dict(info['scheduler'])
 
 # %% ../nbs/06_distributed.ipynb #d63df4d5
-def export_checkpoint(checkpoint, out):
-    "Consolidate a (sharded) checkpoint into one `model.safetensors`."
+def export_checkpoint(checkpoint, out, format='ours'):
+    "A new folder `out` that stands alone: weights, config and tokenizer."
+    if format not in ('ours', 'hf'):
+        raise ValueError(f"format must be 'ours' or 'hf', not {format!r}")
     src = Path(checkpoint)
-    if (src / 'checkpoints').exists():  # a run folder: its latest
+    if (src / 'checkpoints').is_dir():  # a run folder: its latest
         src = latest_checkpoint(src) or src
-    meta = read_checkpoint_meta(src)
-    out = Path(out)
-    if out.exists():
+    meta, out = read_checkpoint_meta(src), Path(out)
+    if out.exists() or out.is_symlink():
         raise FileExistsError(f'{out} exists: choose another output folder')
+    tok = _checkpoint_tokenizer(src, meta)
     model = model_from_checkpoint(src)  # one process, any world size
-    tmp = out.with_name(f'.{out.name}.tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / 'model.safetensors'),
-               metadata=dict(model_config=json.dumps(meta['model_config'])))
-    shutil.copy(src / 'rng.safetensors', tmp / 'rng.safetensors')
-    keep = ('format', 'version', 'step', 'model_config', 'loader',
-            'train_config')
-    (tmp / 'state.json').write_text(json.dumps(
-        {k: meta[k] for k in keep}, indent=1))
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.tmp-'))
+    with _removed_on_failure(tmp, then='export again'):
+        (_write_hf if format == 'hf' else _write_ours)(tmp, model, meta, tok)
+        _use_umask(tmp)
+        if out.exists():
+            raise FileExistsError(f'{out} appeared while exporting: '
+                                  f'choose another output folder')
+        os.rename(tmp, out)
     return out / 'model.safetensors'
 
-# %% ../nbs/06_distributed.ipynb #9fd3fd3c
-from fastcore.script import call_parse
+
+def _checkpoint_tokenizer(src, meta):
+    "The tokenizer file of checkpoint `src`: its own, or its data's."
+    own = src / 'tokenizer.json'
+    data = Path((meta.get('train_config') or {}).get('data', ''))
+    path = own if own.exists() else data / 'tokenizer.json'
+    if not path.is_file():
+        raise FileNotFoundError(f'{src} holds no tokenizer.json, nor does '
+                                f'its training data folder {data}')
+    sha = meta.get('tokenizer_sha256')
+    if sha is not None and _sha256(path) != sha:
+        raise ValueError(f'{path} is not the tokenizer {src} was trained '
+                         f'with (its SHA-256 differs from state.json)')
+    return path
 
 
-@call_parse
-def export_cli(
-    checkpoint: str,  # run folder or checkpoint folder (sharded or not)
-    out: str,  # new folder for model.safetensors and state.json
-):
-    "Consolidate a sharded checkpoint into one safetensors file."
-    path = export_checkpoint(checkpoint, out)
-    print(f'wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)')
+def _write_ours(folder, model, meta, tok):
+    "Weights with their config, tokenizer and state.json: ours."
+    save_model(model, str(folder / 'model.safetensors'),
+               metadata=dict(model_config=json.dumps(meta['model_config'])))
+    shutil.copyfile(tok, folder / 'tokenizer.json')
+    keep = ('format', 'step', 'model_config', 'train_config')
+    state = dict({k: meta[k] for k in keep if k in meta},
+                 version=CKPT_VERSION,
+                 tokenizer_sha256=_sha256(folder / 'tokenizer.json'))
+    (folder / 'state.json').write_text(json.dumps(state, indent=1))
+
+
+def _write_hf(folder, model, meta, tok):
+    "config.json, weights and tokenizer files as `transformers` reads them."
+    config, kind = config_to_hf(model.config)
+    tok = Tokenizer.load(tok)
+    eot = tok.special_tokens.get('<|endoftext|>')
+    ids = {} if eot is None else dict(bos_token_id=eot, eos_token_id=eot)
+    _write_json(folder / 'config.json', dict(config, **ids))
+    _write_json(folder / 'generation_config.json', ids)
+    save_file(to_hf(model, kind), str(folder / 'model.safetensors'),
+              metadata=dict(format='pt'))
+    tok.save_hf(folder / 'tokenizer.json')
+    names = {} if eot is None else dict(bos_token='<|endoftext|>',
+                                        eos_token='<|endoftext|>')
+    _write_json(folder / 'tokenizer_config.json', dict(
+        tokenizer_class='PreTrainedTokenizerFast',
+        model_max_length=model.config.block_size, **names))
+
+
+def _write_json(path, obj):
+    path.write_text(json.dumps(obj, indent=1))
+
 
 # %% ../nbs/06_distributed.ipynb #caa7275f
-def torchrun(nproc, *args, script=None, env=None, check=True):
+def torchrun(nproc, *args, script=None, env=None, check=True,
+             timeout=None):
     "Run `script *args` (default: `llm-from-scratch`) in `nproc` processes."
     if script is None:
         exe = Path(sys.executable).parent / 'llm-from-scratch'  # this env's
@@ -310,7 +395,8 @@ def torchrun(nproc, *args, script=None, env=None, check=True):
            f'--nproc_per_node={nproc}', str(script), *map(str, args)]
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
     env = {**os.environ, 'OMP_NUM_THREADS': threads, **(env or {})}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                       timeout=timeout)
     if check and r.returncode:
         raise RuntimeError(f'{" ".join(cmd[3:])} failed:\n'
                            f'{r.stderr[-3000:]}')

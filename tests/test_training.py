@@ -1,7 +1,12 @@
-"""Training: loss falls, accumulation, exact resume, safe checkpoints, errors."""
+"""Training: loss falls, exact resume, checkpoints, locks, bad input."""
+import errno
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,8 +18,11 @@ from llm_from_scratch import training
 from llm_from_scratch.data import BatchLoader, load_split, prepare_data
 from llm_from_scratch.data import shakespeare
 from llm_from_scratch.model import GPT, preset
-from llm_from_scratch.training import (TrainConfig, latest_checkpoint,
-                                       load_checkpoint, read_log,
+from llm_from_scratch.training import (TrainConfig, check_train_config,
+                                       evaluate, latest_checkpoint,
+                                       load_checkpoint, model_from_checkpoint,
+                                       peak_flops, read_checkpoint_meta,
+                                       read_log, resume_config,
                                        save_checkpoint, train)
 
 
@@ -59,31 +67,58 @@ def test_grad_accumulation_equals_big_batch(data):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+# -- runs in real processes ---------------------------------------------------
+
 RUN = """
-import sys
+import json, sys
 from dataclasses import replace
 from llm_from_scratch.training import TrainConfig, train
-c = TrainConfig(data=sys.argv[1], out=sys.argv[2], block_size=32,
-                batch_size=4, warmup_steps=2, eval_every=4, eval_batches=2,
-                save_every=4, keep=3, max_steps=8)
+fields = dict(block_size=32, batch_size=4, warmup_steps=2, eval_every=4,
+              eval_batches=2, save_every=4, keep=3, max_steps=8)
+fields.update(json.loads(sys.argv[5]) if len(sys.argv) > 5 else {})
+c = TrainConfig(data=sys.argv[1], out=sys.argv[2], **fields)
 stop = int(sys.argv[3])
 train(c, resume=sys.argv[4] == 'resume', progress=False,
-      stop_after=stop if stop < 8 else None)
+      stop_after=stop if stop < c.max_steps else None)
 """
 
 
-def run_process(*args):
+def run_process(*args, check=True):
     r = subprocess.run([sys.executable, '-c', RUN, *map(str, args)],
                        capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
 
 
-def test_resume_is_exact(data, tmp_path):
+def start_process(data, out, **fields):
+    "A training process in the background (10,000 steps: stop it)."
+    fields = {'max_steps': 10_000, 'save_every': 10_000, **fields}
+    return subprocess.Popen([sys.executable, '-c', RUN, str(data), str(out),
+                             '10000', 'fresh', json.dumps(fields)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_rows(run, n, proc, timeout=120):
+    "Wait until `run`'s log has `n` rows."
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        if (run / 'log.csv').exists() and len(read_log(run)) >= n:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f'{run} has fewer than {n} rows')
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_resume_is_exact(data, tmp_path, dropout):
     "8 steps straight == stop after 4, new process, resume: bit for bit."
     straight, split = tmp_path / 'straight', tmp_path / 'split'
-    run_process(data, straight, 8, 'fresh')
-    run_process(data, split, 4, 'fresh')
-    run_process(data, split, 8, 'resume')
+    extra = json.dumps(dict(dropout=dropout))
+    run_process(data, straight, 8, 'fresh', extra)
+    run_process(data, split, 4, 'fresh', extra)
+    run_process(data, split, 8, 'resume', extra)
     a, b = read_log(straight), read_log(split)
     assert [r['step'] for r in b] == list(range(1, 9))
     for key in ('loss', 'lr', 'grad_norm', 'val_loss'):
@@ -92,6 +127,66 @@ def test_resume_is_exact(data, tmp_path):
     wb = load_file(latest_checkpoint(split) / 'model.safetensors')
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_trainers_cannot_share_a_run_folder(data, tmp_path):
+    out = tmp_path / 'run'
+    first = start_process(data, out)
+    try:
+        wait_for_rows(out, 2, first)
+        for resume in (False, True):
+            t0 = time.time()
+            with pytest.raises(RuntimeError, match=f'{out}.* in use .*pid '
+                               f'{first.pid}'):
+                train(config(data, out), resume=resume, progress=False)
+            assert time.time() - t0 < 30  # refused at once, not queued
+        second = run_process(data, out, 8, 'resume', check=False)
+        assert second.returncode != 0 and 'in use' in second.stderr
+    finally:
+        first.kill()
+        first.communicate()
+    steps = [r['step'] for r in read_log(out)]
+    assert steps == list(range(1, len(steps) + 1))  # one writer only
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(data, tmp_path):
+    out = tmp_path / 'run'
+    proc = start_process(data, out)
+    wait_for_rows(out, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    step = int(read_log(out)[-1]['step'])
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and read_checkpoint_meta(ckpt)['step'] == step
+    assert str(ckpt) in err and 'resume' in err
+    log = train(config(data, out, max_steps=step + 2, save_every=10_000,
+                       eval_every=10_000), resume=True, progress=False)
+    assert [r['step'] for r in log] == list(range(1, step + 3))
+
+
+# -- checkpoints --------------------------------------------------------------
+
+def tiny_state(data):
+    model = GPT(preset('tiny', vocab_size=512, block_size=32))
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loader = BatchLoader(load_split(data, 'train')[1], 4, 32)
+    return model, opt, sched, loader
+
+
+def test_checkpoints_are_ordered_by_step(data, tmp_path):
+    state = tiny_state(data)
+    for step in (9_999_999, 10_000_000):
+        save_checkpoint(tmp_path, step, *state, keep=5)
+    root = tmp_path / 'checkpoints'
+    (root / 'step-best').mkdir()  # the user's own folders
+    (root / 'step-0000001').mkdir()
+    assert latest_checkpoint(tmp_path).name == 'step-10000000'
+    new = save_checkpoint(tmp_path, 10_000_001, *state, keep=2)
+    assert latest_checkpoint(tmp_path) == new
+    assert sorted(p.name for p in root.iterdir()) == [
+        'step-0000001', 'step-10000000', 'step-10000001', 'step-best']
 
 
 def test_crash_while_saving_keeps_the_last_checkpoint(data, tmp_path,
@@ -105,17 +200,63 @@ def test_crash_while_saving_keeps_the_last_checkpoint(data, tmp_path,
         Path(path).write_bytes(b'half a file')
         raise KeyboardInterrupt('power cut')
     monkeypatch.setattr(training, 'save_model', crash)
-    model = GPT(preset('tiny', vocab_size=512, block_size=32))
-    opt = torch.optim.AdamW(model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(out, 8, model, opt, sched,
-                        BatchLoader(load_split(data, 'train')[1], 4, 32))
+        save_checkpoint(out, 8, *tiny_state(data))
     assert latest_checkpoint(out) == good
     assert (good / 'model.safetensors').read_bytes() == before
+    assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == \
+        [good.name]  # no partial folder left behind
     monkeypatch.undo()
     fresh = GPT(preset('tiny', vocab_size=512, block_size=32))
     assert load_checkpoint(good, fresh) == 4
+
+
+def test_disk_full_while_saving_says_so(data, tmp_path, monkeypatch):
+    "Simulated: torch.save fails as it does on a full disk."
+    out = tmp_path / 'run'
+    train(config(data, out, max_steps=4), progress=False)
+
+    def full(obj, path):
+        Path(path).write_bytes(b'x' * 100)
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . '
+                           'unexpected pos 576 vs 534')
+    monkeypatch.setattr(training.torch, 'save', full)
+    monkeypatch.setattr(training.shutil, 'disk_usage',
+                        lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(OSError, match=f'no space left on .*{out.name}') as e:
+        train(config(data, out), resume=True, progress=False)
+    assert e.value.errno == errno.ENOSPC
+    assert [p.name for p in (out / 'checkpoints').iterdir()] == \
+        ['step-0000004']
+    monkeypatch.undo()
+    log = train(config(data, out), resume=True, progress=False)
+    assert [r['step'] for r in log] == list(range(1, 9))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    "A 16 MiB tmpfs, where mounting is permitted."
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=16m', 'tmpfs',
+                        str(disk)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f'cannot mount a small tmpfs here ({r.stderr.strip()})'
+                    f': the simulated disk-full test covers this')
+    yield disk
+    subprocess.run(['umount', '-l', str(disk)])
+
+
+def test_disk_full_on_a_real_small_disk(data, small_disk):
+    out = small_disk / 'run'  # one checkpoint (~11 MB) fits, two do not
+    with pytest.raises(OSError, match=f'no space left on {small_disk}'):
+        train(config(data, out), progress=False)
+    assert [p.name for p in (out / 'checkpoints').iterdir()] == \
+        ['step-0000004']
+    subprocess.run(['mount', '-o', 'remount,size=64m', str(small_disk)],
+                   check=True)
+    log = train(config(data, out), resume=True, progress=False)
+    assert [r['step'] for r in log] == list(range(1, 9))
 
 
 def test_checkpoints_never_unpickle_code(data, tmp_path):
@@ -132,6 +273,44 @@ def test_checkpoints_never_unpickle_code(data, tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match='cannot be loaded safely'):
         load_checkpoint(ckpt, model, opt)
+
+
+def test_checkpoint_stands_alone(data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        train(config(data, tmp_path / 'run', max_steps=4), progress=False)
+    finally:
+        os.umask(old)
+    ckpt = latest_checkpoint(tmp_path / 'run')
+    meta = read_checkpoint_meta(ckpt)
+    tok = (ckpt / 'tokenizer.json').read_bytes()
+    assert tok == (data / 'tokenizer.json').read_bytes()
+    import hashlib
+    assert meta['tokenizer_sha256'] == hashlib.sha256(tok).hexdigest()
+    for f in [ckpt, *ckpt.iterdir()]:
+        mode = 0o755 if f.is_dir() else 0o644
+        assert f.stat().st_mode & 0o777 == mode, f
+
+
+def test_loading_for_inference_keeps_the_callers_rng(data, tmp_path):
+    train(config(data, tmp_path / 'run', max_steps=4), progress=False)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    model_from_checkpoint(latest_checkpoint(tmp_path / 'run'))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_peak_flops_probe_is_quick_and_leaves_the_rng(monkeypatch):
+    monkeypatch.setattr(training, '_MEASURED', {})
+    before = torch.get_rng_state()
+    t0 = time.perf_counter()
+    flops = peak_flops('cpu', torch.bfloat16)
+    assert time.perf_counter() - t0 < 2.0
+    assert flops > 0
+    assert torch.equal(torch.get_rng_state(), before)
+    t0 = time.perf_counter()
+    assert peak_flops('cpu', torch.bfloat16) == flops  # measured once
+    assert time.perf_counter() - t0 < 0.01
 
 
 def test_nan_loss_stops_and_keeps_last_good(data, tmp_path, monkeypatch):
@@ -151,6 +330,29 @@ def test_nan_loss_stops_and_keeps_last_good(data, tmp_path, monkeypatch):
                        'step 6.*step-0000004'):
         train(config(data, out, save_every=2), progress=False)
     assert latest_checkpoint(out).name == 'step-0000004'
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_restarts(
+        data, tmp_path, monkeypatch):
+    out = tmp_path / 'run'
+    forward = GPT.forward
+    calls = {'n': 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        calls['n'] += self.training
+        if self.training and calls['n'] == 3:
+            loss = loss * float('nan')
+        return logits, loss
+    monkeypatch.setattr(GPT, 'forward', poisoned)
+    with pytest.raises(FloatingPointError):
+        train(config(data, out), progress=False)
+    monkeypatch.undo()
+    assert latest_checkpoint(out) is None and len(read_log(out)) == 2
+    with pytest.raises(FileExistsError, match='resume.*step 0'):
+        train(config(data, out), progress=False)
+    log = train(config(data, out), resume=True, progress=False)
+    assert [r['step'] for r in log] == list(range(1, 9))
 
 
 # -- bad input ---------------------------------------------------------------
@@ -174,16 +376,103 @@ def test_checkpoint_from_another_model_or_version(data, tmp_path):
                                          block_size=32)))
 
 
+@pytest.fixture(scope='module')
+def trained(data, tmp_path_factory):
+    "A finished 8-step run (checkpoints at 4 and 8)."
+    out = tmp_path_factory.mktemp('trained') / 'run'
+    train(config(data, out), progress=False)
+    return out
+
+
+def corrupt(trained, tmp_path, change):
+    "A copy of `trained` whose newest state.json is changed by `change`."
+    out = tmp_path / 'run'
+    shutil.copytree(trained, out)
+    state = latest_checkpoint(out) / 'state.json'
+    state.write_text(change(json.loads(state.read_text())))
+    return out, state
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda m: json.dumps(dict(m, step=-5)), 'step must be'),
+    (lambda m: json.dumps(dict(m, step='8')), 'step must be'),
+    (lambda m: json.dumps(dict(m, step=4)), 'step 4 .*step-0000008'),
+    (lambda m: '{"format": "llm_from_scratch.checkpoint", "st', 'JSON'),
+    (lambda m: json.dumps(dict(m, model_config=dict(
+        m['model_config'], n_layer='4'))), 'n_layer'),
+    (lambda m: json.dumps(dict(m, model_config=dict(
+        m['model_config'], layers=4))), 'layers'),
+    (lambda m: json.dumps(dict(m, model_config=[])), 'model_config'),
+    (lambda m: json.dumps(dict(m, loader=dict(step=-1))), 'loader'),
+    (lambda m: json.dumps(dict(m, version='1')), 'version'),
+])
+def test_corrupt_state_json_is_refused(data, trained, tmp_path, change,
+                                       message):
+    out, state = corrupt(trained, tmp_path, change)
+    with pytest.raises(ValueError, match=message) as e:
+        read_checkpoint_meta(state.parent)
+    assert str(state) in str(e.value)
+    with pytest.raises(ValueError, match=message):
+        train(config(data, out), resume=True, progress=False)
+    assert len(read_log(out)) == 8  # nothing deleted
+
+
+def test_absurd_config_is_refused_before_building(trained, tmp_path):
+    out, state = corrupt(trained, tmp_path, lambda m: json.dumps(dict(
+        m, model_config=dict(m['model_config'], n_layer=10**6))))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match='n_layer'):
+        model_from_checkpoint(state.parent)
+    assert time.perf_counter() - t0 < 5
+
+
 @pytest.mark.parametrize('fields, message', [
     (dict(batch_size=0), 'batch_size must be at least 1'),
     (dict(grad_accum=0), 'grad_accum must be at least 1'),
     (dict(warmup_steps=8), 'warmup_steps'),
     (dict(block_size=10_000), 'exceeds the context'),
     (dict(precision='fp8'), 'precision'),
+    (dict(grad_clip=-1.0), 'grad_clip'),
+    (dict(save_every=0), 'save_every must be at least 1'),
+    (dict(eval_every=-1), 'eval_every must be at least 1'),
+    (dict(seed=-1), 'seed'),
+    (dict(dropout=1.0), 'dropout'),
+    (dict(dropout=-0.1), 'dropout'),
+    (dict(lr=float('inf')), 'lr'),
+    (dict(lr=float('nan')), 'lr'),
+    (dict(sample_every=-1), 'sample_every'),
+    (dict(max_steps='8'), 'max_steps'),
+    (dict(max_steps=8.0), 'max_steps'),
+    (dict(log_with='csv'), 'log_with'),
+    (dict(betas=(0.9, 1.5)), 'betas'),
+    (dict(min_lr_ratio=2.0), 'min_lr_ratio'),
+    (dict(weight_decay=-0.1), 'weight_decay'),
 ])
 def test_impossible_settings(data, tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
+        check_train_config(config(data, tmp_path / 'run', **fields))
+    with pytest.raises(ValueError, match=message):
         train(config(data, tmp_path / 'run', **fields), progress=False)
+    assert not (tmp_path / 'run').exists()
+
+
+def test_default_warmup_fits_short_runs(data, tmp_path):
+    c = TrainConfig(data=str(data), out=str(tmp_path / 'run'), block_size=32,
+                    batch_size=4, max_steps=5, eval_batches=1)
+    assert [r['step'] for r in train(c, progress=False)] == [1, 2, 3, 4, 5]
+
+
+def test_log_csv_is_written_whatever_the_trackers(data, tmp_path):
+    log = train(config(data, tmp_path / 'run', max_steps=4, log_with=()),
+                progress=False)
+    assert [r['step'] for r in log] == [1, 2, 3, 4]
+
+
+def test_grad_clip_zero_turns_clipping_off(data, tmp_path):
+    off, huge = (train(config(data, tmp_path / name, max_steps=3,
+                              grad_clip=clip), progress=False)
+                 for name, clip in (('off', 0.0), ('huge', 1e9)))
+    assert [r['loss'] for r in off] == [r['loss'] for r in huge]
 
 
 def test_refuses_to_mix_runs(data, tmp_path):
@@ -195,20 +484,126 @@ def test_refuses_to_mix_runs(data, tmp_path):
         train(config(data, tmp_path / 'new'), resume=True, progress=False)
 
 
-def test_cli_train_and_resume(data, tmp_path):
-    exe = Path(sys.executable).parent / 'llm-from-scratch'
-    cfg = tmp_path / 'cfg.json'
-    cfg.write_text(json.dumps(dict(block_size=32, batch_size=4,
-                                   warmup_steps=1, eval_every=3,
-                                   eval_batches=2, save_every=3)))
-    args = [exe, 'train', '--data', data, '--out', tmp_path / 'run',
-            '--config', cfg]
-    r = subprocess.run([*map(str, args), '--max_steps', '3'],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert 'step 3' in r.stdout
-    r = subprocess.run([*map(str, args), '--max_steps', '6', '--resume'],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert [int(x['step']) for x in read_log(tmp_path / 'run')] == \
-        list(range(1, 7))
+# -- evaluation ---------------------------------------------------------------
+
+class UnevenLoader:
+    "Batches of 1 and 3 sequences from one batch of 4."
+
+    def __init__(self, x, y):
+        self.parts = [(x[:1], y[:1]), (x[1:], y[1:])]
+
+    def batch(self, step):
+        return self.parts[step]
+
+
+def test_evaluate_weights_batches_by_tokens(data):
+    torch.manual_seed(0)
+    model = GPT(preset('tiny', vocab_size=512, block_size=32))
+    x, y = BatchLoader(load_split(data, 'val')[1], 4, 32).batch(0)
+    whole = evaluate(model, UnevenLoader(x, y), 2)
+    with torch.no_grad():
+        ref = model.eval()(x, y)[1].item()
+    assert abs(whole['loss'] - ref) < 1e-5
+    assert whole['tokens'] == y.numel()
+
+
+def test_validation_loss_is_weighted_across_processes(data):
+    "Two processes with 1 and 3 sequences: weighted by tokens, not ranks."
+    torch.manual_seed(0)
+    model = GPT(preset('tiny', vocab_size=512, block_size=32)).eval()
+    x, y = BatchLoader(load_split(data, 'val')[1], 4, 32).batch(0)
+    with torch.no_grad():
+        other = model(x[1:], y[1:])[1].item() * y[1:].numel()
+        ref = model(x, y)[1].item()
+
+    class TwoRanks:  # this process holds 1 sequence, "the other" 3
+        device = 'cpu'
+
+        def reduce(self, t, reduction):
+            assert reduction == 'sum'
+            return t + torch.tensor([other, y[1:].numel()], dtype=t.dtype)
+    loader = UnevenLoader(x, y)
+    loader.parts = loader.parts[:1]
+    row = training._evaluate(TwoRanks(), model, loader, 1)
+    assert abs(row['val_loss'] - ref) < 1e-5
+
+
+# -- what the command line needs ----------------------------------------------
+
+def test_progress_lines_and_summary(data, tmp_path, capsys):
+    train(config(data, tmp_path / 'run'), progress='lines')
+    out = capsys.readouterr().out
+    for text in ('parameters', str(data), 'tokens per step',
+                 'measuring peak FLOP/s', str(tmp_path / 'run'),
+                 'step 8/8', 'val loss'):
+        assert text in out, text
+    assert len(out.splitlines()) < 25
+    train(config(data, tmp_path / 'quiet'), progress=False)
+    assert capsys.readouterr().out == ''
+    train(config(data, tmp_path / 'run', max_steps=10), resume=True,
+          progress='lines')
+    assert 'step 8' in capsys.readouterr().out  # where it resumes
+
+
+def test_resume_config(data, trained):
+    c = resume_config(trained, max_steps=12, eval_every=6)
+    assert (c.max_steps, c.eval_every, c.lr, c.out) == \
+        (12, 6, 3e-3, str(trained))
+    assert c.betas == (0.9, 0.95)  # a tuple again, as saved
+    with pytest.raises(ValueError, match=r'(?s)trained with lr 0.003 and '
+                       r'block_size 32.*gives lr 0.01 and block_size 16'):
+        resume_config(trained, lr=0.01, block_size=16, max_steps=12)
+    with pytest.raises(ValueError, match='unknown'):
+        resume_config(trained, learning_rate=0.01)
+    with pytest.raises(FileNotFoundError, match='no checkpoint'):
+        resume_config(trained.parent / 'nothing')
+
+
+def test_resume_refuses_a_changed_setting(data, trained, tmp_path):
+    out = tmp_path / 'run'
+    shutil.copytree(trained, out)
+    with pytest.raises(ValueError, match='lr'):
+        train(config(data, out, lr=0.01, max_steps=10), resume=True,
+              progress=False)
+
+
+def test_data_is_verified_at_the_start(data, tmp_path):
+    copy = tmp_path / 'data'
+    shutil.copytree(data, copy)
+    meta = json.loads((copy / 'metadata.json').read_text())
+    shard = copy / meta['splits']['train']['shards'][0]['file']
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=shard.name):
+        train(config(copy, tmp_path / 'run'), progress=False)
+
+
+def test_init_from_a_run_starts_from_its_weights(data, trained, tmp_path):
+    fresh = train(config(data, tmp_path / 'fresh', max_steps=2,
+                         warmup_steps=0),
+                  progress=False)
+    tuned = train(config(data, tmp_path / 'tuned', max_steps=2,
+                         warmup_steps=0, init_from=str(trained), lr=1e-4,
+                         dropout=0.1),
+                  progress=False)
+    assert tuned[0]['loss'] < read_log(trained)[-1]['loss'] + 0.3
+    assert tuned[0]['loss'] < fresh[0]['loss'] - 0.3
+    meta = read_checkpoint_meta(latest_checkpoint(tmp_path / 'tuned'))
+    assert meta['model_config']['dropout'] == 0.1
+
+
+def test_init_from_needs_the_same_tokenizer(data, trained, tmp_path):
+    other = tmp_path / 'other'
+    prepare_data(shakespeare()[80:160], other, vocab_size=512, processes=1)
+    with pytest.raises(ValueError, match='another tokenizer'):
+        train(config(other, tmp_path / 'a', init_from=str(trained)),
+              progress=False)
+    bigger = tmp_path / 'bigger'
+    prepare_data(shakespeare()[:80], bigger, vocab_size=600, processes=1)
+    old, state = corrupt(trained, tmp_path, lambda m: json.dumps(
+        {k: v for k, v in m.items() if k != 'tokenizer_sha256'}))
+    with pytest.raises(ValueError, match='has 512 token ids, the '
+                       'tokenizer of .* has 600'):  # no sha to compare
+        train(config(bigger, tmp_path / 'b', init_from=str(state.parent)),
+              progress=False)

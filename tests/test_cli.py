@@ -1,0 +1,269 @@
+"""The `llm-from-scratch` program: options made from the code, one-line
+errors, precedence of options over files, and each command run as a user
+types it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from llm_from_scratch import cli
+from llm_from_scratch.data import load_split, prepare_data, shakespeare
+from llm_from_scratch.training import TrainConfig, read_log
+
+EXE = Path(sys.executable).parent / 'llm-from-scratch'
+
+
+def run(*args, **kw):
+    return subprocess.run([str(EXE), *map(str, args)], capture_output=True,
+                          text=True, **kw)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp('cli') / 'data'
+    prepare_data(shakespeare()[:60], out, vocab_size=400, processes=1)
+    return out
+
+
+SMALL = ['--block_size', 32, '--batch_size', 4, '--eval_every', 3,
+         '--eval_batches', 2, '--save_every', 3, '--quiet']
+
+
+@pytest.fixture(scope='module')
+def run_dir(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('cli') / 'run'
+    r = run('train', '--data', data, '--out', out, '--max_steps', 3, *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+# -- help and errors ---------------------------------------------------------
+
+def test_help_and_usage_errors():
+    r = run('--help')
+    assert r.returncode == 0 and 'prepare' in r.stdout
+    r = run()
+    assert r.returncode == 2 and 'usage' in r.stderr
+    r = run('nonsense')
+    assert r.returncode == 2 and 'unknown command' in r.stderr
+    r = run('train', '--no_such_option', 1)
+    assert r.returncode == 2 and 'unrecognized' in r.stderr
+    r = run('train', '--model', 'gpt5')
+    assert r.returncode == 2 and 'invalid choice' in r.stderr
+
+
+def test_every_train_config_field_is_an_option():
+    text = cli.build_parser('train').format_help()
+    for f in fields(TrainConfig):
+        assert f'--{f.name}' in text, f.name
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    args = ['train', '--data', tmp_path / 'nothing', '--out',
+            tmp_path / 'run']
+    r = run(*args)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'prepare' in lines[0], r.stderr
+    assert lines[0].startswith('llm-from-scratch train: error:')
+    r = run(*args, '--debug')
+    assert r.returncode == 1 and 'Traceback' in r.stderr
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    r = run('generate', '--checkpoint', tmp_path / 'none')
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- precedence: option > config file > default --------------------------------
+
+def test_config_file_then_options_then_defaults(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_train(c, **kw):
+        seen['c'] = c
+        return []
+    monkeypatch.setattr('llm_from_scratch.training.train', fake_train)
+    cfg = tmp_path / 'run.json'
+    cfg.write_text(json.dumps(dict(model='tiny-llama', data='d', out='o',
+                                   lr=0.01, betas=[0.8, 0.9])))
+    assert cli.main(['train', '--config', str(cfg), '--lr', '0.02']) == 0
+    c = seen['c']
+    assert (c.model, c.data, c.out, c.lr, c.betas) == \
+        ('tiny-llama', 'd', 'o', 0.02, (0.8, 0.9))
+    assert c.block_size == TrainConfig.block_size
+
+
+@pytest.mark.parametrize('text, message', [
+    ('{"lr": "fast"}', 'lr must be float'),
+    ('{"nonsense": 1}', 'unknown fields nonsense'),
+    ('not json', 'not valid JSON'),
+    ('[1, 2]', 'JSON object')])
+def test_bad_config_files_name_the_file(tmp_path, text, message, capsys):
+    cfg = tmp_path / 'bad.json'
+    cfg.write_text(text)
+    assert cli.main(['train', '--config', str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and str(cfg) in err
+
+
+# -- prepare -----------------------------------------------------------------
+
+def test_prepare_on_own_files(tmp_path):
+    src = tmp_path / 'texts'
+    src.mkdir()
+    for i, d in enumerate(shakespeare()[:30]):
+        (src / f'{i:02d}.txt').write_text(d.text)
+    out = tmp_path / 'out'
+    r = run('prepare', '--input', src, '--out', out, '--vocab_size', 500,
+            '--processes', 1, '--quiet')
+    assert r.returncode == 0, r.stderr
+    meta, shards = load_split(out, 'train')
+    assert meta['source'] == str(src) and sum(map(len, shards)) > 0
+    r = run('prepare', '--input', src, '--out', out)
+    assert r.returncode == 1 and 'overwrite' in r.stderr
+    r = run('verify', out)
+    assert r.returncode == 0, r.stderr
+
+
+# -- train -------------------------------------------------------------------
+
+def test_train_and_resume(data, tmp_path):
+    cfg = tmp_path / 'cfg.json'
+    cfg.write_text(json.dumps(dict(block_size=32, batch_size=4,
+                                   eval_every=3, eval_batches=2,
+                                   save_every=3)))
+    args = ['train', '--data', data, '--out', tmp_path / 'run',
+            '--config', cfg]
+    r = run(*args, '--max_steps', 3)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'step 3' in r.stdout
+    r = run(*args, '--max_steps', 6, '--resume')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [int(x['step']) for x in read_log(tmp_path / 'run')] == \
+        list(range(1, 7))
+
+
+def test_resume_reads_the_saved_config(run_dir):
+    "Given again, options must agree: the differing ones are named."
+    r = run('train', '--out', run_dir, '--resume', '--lr', 0.5,
+            '--max_steps', 4)
+    assert r.returncode == 1
+    assert 'lr' in r.stderr and '0.5' in r.stderr
+
+
+def test_short_runs_work_with_the_defaults(data, tmp_path):
+    "No warmup_steps given: any max_steps works."
+    r = run('train', '--data', data, '--out', tmp_path / 'run',
+            '--max_steps', 5, *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_ctrl_c_saves_a_checkpoint(data, tmp_path):
+    out = tmp_path / 'run'
+    p = subprocess.Popen([str(EXE), 'train', '--data', str(data), '--out',
+                          str(out), '--max_steps', '100000', '--save_every',
+                          '100000', '--block_size', '32', '--batch_size',
+                          '4', '--eval_every', '100000', '--quiet'],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120
+    while not (out / 'log.csv').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    ckpts = list((out / 'checkpoints').glob('step-*'))
+    assert len(ckpts) == 1, err
+    step = json.loads((ckpts[0] / 'state.json').read_text())['step']
+    assert step >= 1
+
+
+# -- generate ----------------------------------------------------------------
+
+def test_generate_from_a_run(run_dir):
+    r = run('generate', '--checkpoint', run_dir, '--prompt', 'ROMEO:',
+            '--max_new_tokens', 10, '--seed', 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith('ROMEO:') and 'tokens/s' in r.stderr
+    again = run('generate', '--checkpoint', run_dir, '--prompt', 'ROMEO:',
+                '--max_new_tokens', 10, '--seed', 1)
+    assert again.stdout == r.stdout
+    r = run('generate', '--checkpoint', run_dir, '--max_new_tokens', 500)
+    assert r.returncode == 1 and '--truncate' in r.stderr
+
+
+def test_generate_samples_and_stop(run_dir):
+    r = run('generate', '--checkpoint', run_dir, '--num_samples', 2,
+            '--max_new_tokens', 8, '--seed', 0, '--quiet')
+    assert r.returncode == 0 and r.stdout.count('--- sample') == 2
+    args = ['generate', '--checkpoint', run_dir, '--max_new_tokens', 30,
+            '--temperature', 0, '--quiet', '--prompt', 'A']
+    full = run(*args).stdout.rstrip('\n')
+    assert ' ' in full, full  # so that the stop below means something
+    r = run(*args, '--stop', ' ')
+    assert r.returncode == 0 and r.stdout == full[:full.index(' ')] + '\n'
+
+
+def test_generate_truncates_by_tokens(run_dir):
+    "The whole context for new tokens, and a cut inside a character."
+    prompt = 'é' * 200  # far longer than the context of 32
+    r = run('generate', '--checkpoint', run_dir, '--prompt', prompt,
+            '--max_new_tokens', 31, '--truncate', '--seed', 0)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'cut' in r.stderr
+    r = run('generate', '--checkpoint', run_dir, '--prompt', 'x',
+            '--max_new_tokens', 32, '--truncate')
+    assert r.returncode == 1 and 'room' in r.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--max_new_tokens', -1], 'max_new_tokens'),
+    (['--temperature', 'nan'], 'temperature'),
+    (['--prompt', ''], 'prompt')])
+def test_generate_bad_settings(run_dir, args, message):
+    r = run('generate', '--checkpoint', run_dir, *args)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_generate_invalid_utf8_prompt(run_dir):
+    r = subprocess.run([str(EXE).encode(), b'generate', b'--checkpoint',
+                        str(run_dir).encode(), b'--prompt', b'\xff\xfe'],
+                       capture_output=True)
+    assert r.returncode == 1 and b'UTF-8' in r.stderr, r.stderr
+
+
+# -- export ------------------------------------------------------------------
+
+def test_export_both_formats(run_dir, tmp_path):
+    r = run('export', run_dir, tmp_path / 'ours')
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run('export', run_dir, tmp_path / 'hf', '--format', 'hf')
+    assert r.returncode == 0, r.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / 'hf')
+    r = run('export', run_dir, tmp_path / 'hf', '--format', 'hf')
+    assert r.returncode == 1 and 'exists' in r.stderr
+    for folder in ('ours', 'hf'):
+        r = run('generate', '--checkpoint', tmp_path / folder,
+                '--max_new_tokens', 5, '--seed', 0)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_files_follow_the_umask(run_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        r = run('export', run_dir, tmp_path / 'out')
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in (tmp_path / 'out').iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f
