@@ -28,6 +28,7 @@ from llm_from_scratch.training import (TrainConfig, build_run,
                                        read_checkpoint_meta, read_log, train)
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # several processes: minutes
 EXE = str(Path(sys.executable).parent / 'llm-from-scratch')
 ARGS = dict(model='tiny', block_size=32, batch_size=8, max_steps=6,
             warmup_steps=1, lr=1e-2, eval_every=3, eval_batches=2,
