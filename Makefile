@@ -20,7 +20,7 @@ export TORCH_INDEX  # tests/test_package.py installs torch the same way
 
 .DEFAULT_GOAL := help
 .PHONY: help venv export clean-nbs execute book test test-fast drift \
-	nbtest pytest wheel clean
+	verify verify-slow pytest wheel clean
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -65,13 +65,16 @@ drift: $(STAMP) ## fail if nbdev_export or nbdev_clean would change a file
 	  exit 1; \
 	else echo "drift: notebooks, package and cleanliness agree"; fi
 
-nbtest: $(STAMP) ## run every chapter's cells (nbdev_test)
-	$(BIN)/nbdev_test --n_workers 2 --do_print
+verify: export ## re-run the chapters (not slow cells), compare outputs
+	$(PY) book/verify.py --jobs 2
+
+verify-slow: export ## re-run every cell, book-scale runs included (hours)
+	$(PY) book/verify.py --slow --jobs 1 --rtol 0.05
 
 pytest: $(STAMP) ## run tests/ (book build, packaging, parity, CLI)
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=12 tests
 
-test: drift nbtest pytest ## everything CI runs
+test: drift verify pytest ## everything CI runs
 
 test-fast: drift $(STAMP) ## the tests without the slow ones (no chapters)
 	$(BIN)/pytest -q -m 'not slow' tests

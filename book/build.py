@@ -39,6 +39,7 @@ from nbfilter import filter_nb, split_cell  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = Path('book/llm-from-scratch.pdf')  # the PDF readers download
+FONTS = ROOT / 'book' / 'fonts'  # the only fonts besides Typst's own
 DIGEST_KEY = 'book-sources-sha256:'
 _ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
 _CITE = re.compile(r'(?<![\w`])@([A-Za-z][\w:.#$%&+?<>~/-]*\w)')
@@ -47,6 +48,9 @@ _XREF = ('fig-', 'tbl-', 'sec-', 'eq-', 'lst-')
 TYPST_RENAMES = {r'\bsect\b': 'inter', r'\b(dot|plus|times)\.circle\b': r'\1.o'}
 
 
+MAIN_MATTER = ('```{=typst}\n#pagebreak(weak: true)\n'
+               '#set page(numbering: "1")\n'
+               '#counter(page).update(1)\n```')
 APPENDICES = ('```{=typst}\n#in-appendix.update(true)\n'
               '#counter(heading).update(0)\n'
               '#set heading(numbering: "A.1")\n```')
@@ -96,7 +100,7 @@ def load_book(root=ROOT):
     if bib is not None and not bib.exists():
         raise BookError(f"_quarto.yml names bibliography '{rel(bib, root)}',"
                         f' which does not exist')
-    return dict(root=root, first_appendix=len(chapters) if appendices
+    return dict(root=root, preface=paths[0], first_appendix=len(chapters) if appendices
                 else None, title=book.get('title', ''),
                 subtitle=book.get('subtitle', ''),
                 author=book.get('author', ''), chapters=paths, bib=bib,
@@ -162,13 +166,8 @@ def check_sources(book):
 def sources_digest(book):
     "SHA-256 over everything the PDF is made from, to tell a stale PDF."
     root = book['root']
-    files = [root / '_quarto.yml', root / 'settings.ini', *book['chapters'],
-             *sorted((root / 'book').glob('*.py')),
-             *sorted((root / 'book').glob('*.typ'))]
-    if book['bib']:
-        files.append(book['bib'])
     h = hashlib.sha256()
-    for f in files:
+    for f in source_files(book):
         h.update(rel(f, root).encode() + b'\0' + f.read_bytes() + b'\0')
     return h.hexdigest()
 
@@ -193,6 +192,61 @@ def fenced(text, lang=''):
     return f'{ticks}{lang}\n{text.rstrip()}\n{ticks}'
 
 
+_NUMERIC = re.compile(r'^[-−+]?(\d{1,3}(,\d{3})+|\d*)(\.\d+)?(e[-+]?\d+)?'
+                      r'\s*(%|×|x|k|M|B|G|T|GB|GiB|MB|MiB)?$')
+
+
+def plain(blocks):
+    "The text of pandoc JSON `blocks` (cell contents), without formatting."
+    out = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            if x.get('t') == 'Str':
+                out.append(x['c'])
+            elif x.get('t') in ('Space', 'SoftBreak'):
+                out.append(' ')
+            else:
+                walk(x.get('c'))
+        elif isinstance(x, list):
+            for y in x:
+                walk(y)
+    walk(blocks)
+    return ''.join(out).strip()
+
+
+def tidy_table(table):
+    """A pandas table as a reader expects it (pandoc JSON, in place).
+
+    The index name (pandas prints it as a second header row) becomes the
+    header of the index column; a bare 0, 1, 2, ... index is dropped; columns
+    of numbers are right-aligned."""
+    _, _, colspecs, head, bodies, _ = table['c']
+    rows = head[1]
+    if len(rows) == 2 and not plain(rows[0][1][0][4]) and \
+            not any(plain(c[4]) for c in rows[1][1][1:]):
+        rows[0][1][0][4] = rows[1][1][0][4]
+        head[1] = rows[:1]
+    body = [r for b in bodies for r in b[2] + b[3]]
+    first = [plain(r[1][0][4]) for r in body if r[1]]
+    if (head[1] and not plain(head[1][0][1][0][4]) and
+            first == [str(i) for i in range(len(body))]):
+        del colspecs[0]
+        for r in head[1] + body:
+            del r[1][0]
+        for b in bodies:
+            b[1] = max(0, b[1] - 1)
+    for j, spec in enumerate(colspecs):
+        cells = [plain(r[1][j][4]) for r in body if j < len(r[1])]
+        cells = [c for c in cells if c not in ('', '–', '—', '-', 'n/a')]
+        if cells and all(_NUMERIC.match(c) for c in cells):
+            spec[0] = {'t': 'AlignRight'}
+            for r in head[1]:
+                if j < len(r[1]):
+                    r[1][j][1] = {'t': 'AlignRight'}
+    return table
+
+
 def html_table_md(html, label, caption):
     "The first table of `html` as pandoc Markdown, with caption and label."
     import pypandoc
@@ -206,7 +260,7 @@ def html_table_md(html, label, caption):
                 t = find(b['c'][1])
                 if t:
                     return t
-    table = find(ast['blocks'])
+    table = tidy_table(find(ast['blocks']))
     ast['blocks'] = [table]
     md = pypandoc.convert_text(json.dumps(ast), 'markdown', format='json')
     if caption or label:
@@ -218,9 +272,18 @@ def html_table_md(html, label, caption):
 class ChapterWriter:
     "Turns one filtered notebook into pandoc Markdown, images on disk."
 
-    def __init__(self, name, stem, img_dir):
+    def __init__(self, name, stem, img_dir, public=()):
         self.name, self.stem, self.img_dir = name, stem, img_dir
         self.n_img, self.used_label = 0, False
+        self.public = set(public)  # names to mark for the index
+
+    def index_marks(self, code):
+        "Invisible Typst labels where this cell defines public names."
+        found = [m.group(1) or m.group(2) for m in _DEF.finditer(code)]
+        found = [n for n in found if n in self.public]
+        self.public -= set(found)
+        marks = ''.join(f'#metadata("{n}") <idx:{n}>\n' for n in found)
+        return f'```{{=typst}}\n{marks}```' if marks else ''
 
     def image(self, b64, opts):
         "Save a PNG output and return its Markdown figure."
@@ -241,7 +304,8 @@ class ChapterWriter:
         kind = out.get('output_type')
         if kind == 'stream':
             text = _ANSI.sub('', ''.join(out.get('text', '')))
-            return text if opts.get('output') == 'asis' else fenced(text)
+            return xrefs(apostrophes(text)) if opts.get('output') == 'asis' \
+                else fenced(text)
         if kind == 'error':
             tb = _ANSI.sub('', '\n'.join(out.get('traceback', [])))
             return fenced(tb or f"{out.get('ename')}: {out.get('evalue')}")
@@ -267,7 +331,7 @@ class ChapterWriter:
         if opts.get('include') is False:
             return []
         _, _, code = split_cell(cell.get('source', ''))
-        parts = []
+        parts = [self.index_marks(code)]
         if code.strip() and opts.get('echo', True) is not False:
             parts.append(fenced(code, 'python'))
         if opts.get('output', True) is not False:
@@ -283,6 +347,7 @@ class ChapterWriter:
             kind = cell.get('cell_type')
             src = ''.join(cell.get('source', ''))
             if kind == 'markdown':
+                src = apostrophes(src)
                 parts.append(xrefs(src if numbered else unnumbered(src)))
             elif kind == 'code':
                 parts += self.code_cell(cell)
@@ -306,6 +371,14 @@ def unnumbered(md):
     return '\n'.join(out)
 
 
+def apostrophes(md):
+    "Typographic apostrophes after digits in prose (Typst makes 2's 2′s)."
+    parts = re.split(r'(```.*?```|`[^`\n]*`|\$\$.*?\$\$|\$[^$\n]*\$)', md,
+                     flags=re.S)
+    return ''.join(p if i % 2 else re.sub(r"(?<=\d)'(?=[A-Za-z])", '’', p)
+                   for i, p in enumerate(parts))
+
+
 def merge_streams(outputs):
     "Join consecutive stream outputs of the same name into one."
     merged = []
@@ -327,19 +400,65 @@ def xrefs(md):
     return re.sub(r'(?<![\w`])@((?:fig|tbl|sec|eq|lst)-[\w-]*\w)', sub, md)
 
 
+_DEF = re.compile(r'^(?:async\s+)?(?:def|class)\s+(\w+)|^(\w+)\s*(?::[^=\n]*)?=',
+                  re.M)
+
+
+def public_names(root):
+    "{notebook stem: the names its module exports in `__all__`}."
+    import ast
+    names = {}
+    for nb in sorted((root / 'nbs').glob('*.ipynb')):
+        m = re.search(r'#\|\s*default_exp\s+(\w+)', nb.read_text('utf-8'))
+        mod = root / 'llm_from_scratch' / f'{m.group(1)}.py' if m else None
+        if not mod or not mod.exists():
+            continue
+        for node in ast.parse(mod.read_text('utf-8')).body:
+            if isinstance(node, ast.Assign) and any(
+                    getattr(t, 'id', '') == '__all__' for t in node.targets):
+                names[nb.stem] = set(ast.literal_eval(node.value))
+    return names
+
+
+def index_of_names(public):
+    "An index of the package's public names: name, module, page."
+    entries = sorted((n, stem) for stem, ns in public.items() for n in ns)
+    rows = []
+    for name, stem in sorted(entries, key=lambda e: e[0].lower()):
+        module = stem.split('_', 1)[1]
+        rows.append(f'  index-entry("{name}", "{module}", <idx:{name}>),')
+    return ('# Index of the package\'s names {.unnumbered}\n\n'
+            'Every public name of the package `llm_from_scratch`, the module '
+            'that defines it and the page where its code is explained.\n\n'
+            '```{=typst}\n#let index-entry(name, module, target) = context {'
+            '\n  let found = query(target)\n  if found.len() == 0 { return }'
+            '\n  let loc = found.first().location()\n'
+            '  block(spacing: 0.45em, [#raw(name) #text(fill: luma(110), '
+            'size: 8pt, module) #box(width: 1fr, repeat[.]) '
+            '#link(loc, numbering("1", ..counter(page).at(loc)))])\n}\n'
+            '#set text(size: 9pt)\n#columns(2, gutter: 1.2em)[\n#(\n'
+            + '\n'.join(rows) + '\n).join()\n]\n```\n')
+
+
 def book_markdown(book, nbs, work):
     "All chapters as one pandoc Markdown file in `work`; images beside it."
     img_dir = work / 'img'
     img_dir.mkdir(parents=True, exist_ok=True)
-    parts = []
+    parts, main_started = [], False
+    public = public_names(book['root'])
     for i, (path, nb) in enumerate(zip(book['chapters'], nbs)):
         stem = path.resolve().stem
-        writer = ChapterWriter(rel(path, book['root']), stem, img_dir)
+        writer = ChapterWriter(rel(path, book['root']), stem, img_dir,
+                               public.get(stem, ()))
         if i == book['first_appendix']:
             parts.append(APPENDICES)
-        parts.append(writer.write(nb, numbered=i > 0))
+        if path != book['preface'] and not main_started:
+            parts.append(MAIN_MATTER)
+            main_started = True
+        parts.append(writer.write(nb, numbered=path != book['preface']))
     if book['bib']:
         parts.append('# References {.unnumbered}\n\n::: {#refs}\n:::\n')
+    parts.append(index_of_names(public))
     md = work / 'book.md'
     md.write_text('\n\n'.join(parts), encoding='utf-8')
     return md
@@ -347,17 +466,31 @@ def book_markdown(book, nbs, work):
 
 # -- rendering ---------------------------------------------------------------
 
-def git_commit(root):
-    "Short commit of `root`, marked `+changes` when sources are edited."
-    def git(*args):
-        r = subprocess.run(['git', *args], cwd=root, capture_output=True,
-                           text=True)
-        return r.stdout.strip() if r.returncode == 0 else ''
-    sha = git('rev-parse', '--short=10', 'HEAD')
-    if not sha:
-        return 'none (not a git checkout)'
-    dirty = git('status', '--porcelain', '--', 'nbs', '_quarto.yml', 'book')
-    return sha + ('+changes' if dirty else '')
+def source_files(book):
+    "Every file the PDF is made from."
+    root = book['root']
+    files = [root / '_quarto.yml', root / 'settings.ini', *book['chapters'],
+             *sorted((root / 'book').glob('*.py')),
+             *sorted((root / 'book').glob('*.typ')),
+             *sorted((root / 'book' / 'fonts').glob('*'))]
+    return files + ([book['bib']] if book['bib'] else [])
+
+
+def source_date(book):
+    """(YYYY-MM-DD, Unix time) of the sources, so builds are repeatable:
+    `SOURCE_DATE_EPOCH` if set, else the last commit, else the newest
+    source file."""
+    root = book['root']
+    r = subprocess.run(['git', 'log', '-1', '--format=%ct'], cwd=root,
+                       capture_output=True, text=True)
+    if os.environ.get('SOURCE_DATE_EPOCH'):
+        ts = int(os.environ['SOURCE_DATE_EPOCH'])
+    elif r.returncode == 0 and r.stdout.strip():
+        ts = int(r.stdout.strip())
+    else:
+        ts = int(max(f.stat().st_mtime for f in source_files(book)))
+    day = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return day.date().isoformat(), ts
 
 
 def package_version(root):
@@ -382,10 +515,10 @@ def render_pandoc(book, nbs, work):
     import typst
     root = book['root']
     md = book_markdown(book, nbs, work)
+    day, ts = source_date(book)
     meta = dict(title=book['title'], subtitle=book['subtitle'],
                 author=book['author'], version=package_version(root),
-                commit=git_commit(root),
-                date=datetime.date.today().isoformat())
+                digest=sources_digest(book)[:16], date=day)
     args = ['--from', 'markdown-auto_identifiers', '--standalone',
             '--template', str(root / 'book' / 'template.typ'),
             '--wrap', 'preserve']
@@ -405,18 +538,50 @@ def render_pandoc(book, nbs, work):
     typ.write_text(text, encoding='utf-8')
     pdf = work / 'book.pdf'
     try:
-        typst.compile(str(typ), output=str(pdf), root=str(work))
+        typst.compile(str(typ), output=str(pdf), root=str(work),
+                      font_paths=[str(root / 'book' / 'fonts')],
+                      ignore_system_fonts=True,
+                      timestamp=ts)
     except typst.TypstError as e:
         where = getattr(e, 'diagnostic', '') or ''
         raise BookError(f'typst failed on {typ}: {e}\n{where}') from None
+    lacking = pages_without_glyphs(pdf)
+    if lacking:
+        raise BookError(f'PDF page(s) {", ".join(map(str, lacking))} print '
+                        f'characters that no font of the book has (they '
+                        f'would show as boxes): run `python book/fonts.py` '
+                        f'to add them to book/fonts/, or use other '
+                        f'characters')
     return pdf
+
+
+def pages_without_glyphs(pdf):
+    "Pages of `pdf` that show a missing glyph (glyph 0, a box)."
+    from pypdf import PdfReader
+    from pypdf.generic import ContentStream
+    reader, bad = PdfReader(pdf), []
+    for n, page in enumerate(reader.pages, 1):
+        fonts = page.get('/Resources', {}).get('/Font', {})
+        font = None
+        for args, op in ContentStream(page.get_contents(), reader).operations:
+            if op == b'Tf':
+                font = fonts[args[0]].get_object()
+            elif op in (b'Tj', b'TJ') and font is not None and \
+                    font.get('/Encoding') == '/Identity-H':
+                items = args[0] if op == b'TJ' else [args[0]]
+                for it in items:
+                    b = getattr(it, 'original_bytes', None)
+                    if b and any(b[i:i + 2] == b'\0\0'
+                                 for i in range(0, len(b) - 1, 2)):
+                        bad.append(n)
+    return sorted(set(bad))
 
 
 def render_quarto(book, work):
     "`quarto render --to typst` from `_quarto.yml`; returns the PDF path."
     root, out_dir = book['root'], work / 'quarto'
-    stamp = (f'version {package_version(root)}, git commit '
-             f'{git_commit(root)}, {datetime.date.today().isoformat()}')
+    stamp = (f'version {package_version(root)}, sources '
+             f'{sources_digest(book)[:16]}, {source_date(book)[0]}')
     r = subprocess.run(['quarto', 'render', '--to', 'typst', '--output-dir',
                         str(out_dir), f'--metadata=date:{stamp}'], cwd=root)
     pdf = out_dir / book['out_name']
@@ -450,14 +615,34 @@ def replace_atomic(src, dest):
     os.replace(tmp, dest)
 
 
-def build_pdf(root=ROOT, publish=False, quarto=None, log=print):
-    "Check, export, render; returns the path of the finished PDF."
+def only_chapters(book, names):
+    "`book` reduced to the chapters whose stems are in `names` (a draft)."
+    keep = [i for i, p in enumerate(book['chapters'])
+            if p.resolve().stem in names or p.name in names]
+    if len(keep) != len(set(names)):
+        raise BookError(f'--only {" ".join(names)}: not all are chapters '
+                        f'in _quarto.yml')
+    first = book['first_appendix']
+    book = dict(book, chapters=[book['chapters'][i] for i in keep])
+    later = [j for j, i in enumerate(keep) if first is not None and i >= first]
+    book['first_appendix'] = later[0] if later else None
+    return book
+
+
+def build_pdf(root=ROOT, publish=False, quarto=None, log=print, only=None,
+              out=None):
+    """Check, export, render; returns the path of the finished PDF.
+
+    `only` (chapter stems) renders a draft of those chapters to `out`
+    without touching the book's own output; drafts never publish."""
     book = load_book(root)
+    if only:
+        book, publish, quarto = only_chapters(book, only), False, False
     nbs = check_sources(book)
     root = book['root']
     digest = sources_digest(book)
     export_package(root)
-    work = root / '_build' / 'book'
+    work = root / '_build' / ('book-' + '-'.join(only) if only else 'book')
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     use_quarto = shutil.which('quarto') if quarto is None else quarto
@@ -466,7 +651,7 @@ def build_pdf(root=ROOT, publish=False, quarto=None, log=print):
     pdf = render_quarto(book, work) if use_quarto else \
         render_pandoc(book, nbs, work)
     stamp_digest(pdf, digest)
-    out = book['out_dir'] / book['out_name']
+    out = Path(out) if out else book['out_dir'] / book['out_name']
     replace_atomic(pdf, out)
     log(f'wrote {rel(out, root)}')
     if publish:
@@ -529,6 +714,45 @@ def execute_chapters(root=ROOT, names=None, log=print):
         tmp = path.with_name(path.name + '.tmp')
         write_nb(nb, tmp)
         os.replace(tmp, path)
+        record_environment(book['root'], path.stem)
+
+
+ENVIRONMENTS = Path('book') / 'executed.json'
+
+
+def environment():
+    "The machine and versions that produce outputs now, in a few words."
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+        torch = version('torch')
+    except Exception:
+        torch = 'not installed'
+    return dict(cpu=cpu, cores=os.cpu_count(),
+                python=platform.python_version(), torch=torch,
+                date=datetime.date.today().isoformat())
+
+
+def record_environment(root, stem):
+    "Note in book/executed.json where chapter `stem` was last executed."
+    import fcntl
+    path = Path(root) / ENVIRONMENTS
+    with open(path.with_suffix('.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[stem] = environment()
+        tmp = path.with_suffix('.tmp')
+        tmp.write_text(json.dumps(dict(sorted(data.items())), indent=1)
+                       + '\n')
+        os.replace(tmp, path)
 
 
 # -- command line ------------------------------------------------------------
@@ -545,6 +769,10 @@ def main(argv=None):
                    help=f'also refresh the committed {PUBLISHED}')
     p.add_argument('--no-quarto', action='store_true',
                    help='use pandoc + typst even when quarto is on PATH')
+    p.add_argument('--only', nargs='+', metavar='STEM',
+                   help='draft: render only these chapters (stems such as '
+                        '03_attention); needs --out')
+    p.add_argument('--out', type=Path, help='where to write the draft PDF')
     c = sub.add_parser('check', help='fail if a PDF is stale for the sources')
     c.add_argument('pdf', type=Path, nargs='?', default=None,
                    help=f'the PDF to check (default: {PUBLISHED})')
@@ -553,8 +781,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         if args.cmd == 'pdf':
+            if args.only and not args.out:
+                raise BookError('--only needs --out FILE.pdf for the draft')
             build_pdf(args.root, args.publish,
-                      quarto=False if args.no_quarto else None)
+                      quarto=False if args.no_quarto else None,
+                      only=args.only, out=args.out)
         elif args.cmd == 'check':
             pdf = args.pdf or args.root / PUBLISHED
             if not pdf.exists():

@@ -15,6 +15,9 @@ What it does, cell by cell:
   no code and no output is dropped.
 - Quarto options (`#| key: value`, e.g. `echo: false`, `label: fig-x`,
   `fig-cap: ...`) stay for Quarto to apply.
+- sources are written as lists of lines that keep their `\n` (Quarto 1.10
+  joins a one-string source without line breaks). Filtering twice gives the
+  same notebook, so `_quarto.yml` and `nbs/_metadata.yml` may both name it.
 
 nbdev tells the two kinds apart the same way: a `#|` line with a `key:` is a
 Quarto option, any other `#|` line is an nbdev directive
@@ -66,7 +69,9 @@ def filter_cell(cell):
     if not code.strip() and not cell.get('outputs'):
         return None
     cell = dict(cell)
-    cell['source'] = ''.join(options) + code
+    # a list of lines that keep their line breaks: Quarto 1.10 renders a
+    # source stored as one string on a single line
+    cell['source'] = (''.join(options) + code).splitlines(True)
     return cell
 
 

@@ -6,7 +6,8 @@
 __all__ = ['attention', 'causal_mask', 'repeat_kv', 'rope_cache', 'apply_rope', 'KVCache', 'CausalSelfAttention',
            'kv_cache_bytes']
 
-# %% ../nbs/03_attention.ipynb #1126aa65
+# %% ../nbs/03_attention.ipynb #06d89ecc
+#| echo: false
 import math
 
 import torch
@@ -14,7 +15,33 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-# %% ../nbs/03_attention.ipynb #b65b19eb
+# %% ../nbs/03_attention.ipynb #ba69d4d3
+#| echo: false
+def _check_heads(n_embd, n_head, n_kv_head):
+    "Raise unless `n_head` divides `n_embd` and `n_kv_head` divides `n_head`."
+    if n_embd % n_head:
+        raise ValueError(f'n_embd ({n_embd}) must be divisible by '
+                         f'n_head ({n_head})')
+    if n_kv_head < 1 or n_head % n_kv_head:
+        raise ValueError(f'n_head ({n_head}) must be divisible by '
+                         f'n_kv_head ({n_kv_head})')
+
+
+def _check_even(head_dim):
+    "Raise unless `head_dim` is even, as RoPE's pairs need."
+    if head_dim % 2:
+        raise ValueError(f'RoPE needs an even head size, not {head_dim}: '
+                         f'choose n_embd and n_head so that n_embd // '
+                         f'n_head is even')
+
+
+def _check_room(cache, T):
+    "Raise unless `T` more positions fit in `cache`."
+    if cache.pos + T > cache.k.shape[2]:
+        raise ValueError(f'the KV cache holds {cache.k.shape[2]} '
+                         f'positions; {cache.pos + T} are needed')
+
+# %% ../nbs/03_attention.ipynb #77de294e
 def attention(q, k, v, mask=None):
     "Softmax(q kᵀ / √d) v; `mask` is True where attending is allowed."
     d = q.shape[-1]
@@ -24,14 +51,14 @@ def attention(q, k, v, mask=None):
     weights = scores.softmax(dim=-1)
     return weights @ v, weights  # (..., T, d), (..., T, S)
 
-# %% ../nbs/03_attention.ipynb #45f3da4a
+# %% ../nbs/03_attention.ipynb #7fb52912
 def causal_mask(T, S=None, offset=0, device=None):
     "(T, S) bool mask: query `i` (at position `offset + i`) sees keys `<=`."
     S = T + offset if S is None else S
     i = torch.arange(T, device=device)[:, None] + offset
     return torch.arange(S, device=device)[None, :] <= i
 
-# %% ../nbs/03_attention.ipynb #63944623
+# %% ../nbs/03_attention.ipynb #e0aa008f
 def repeat_kv(x, n_rep):
     "(B, n_kv_head, S, hs) -> (B, n_kv_head * n_rep, S, hs), heads repeated."
     if n_rep == 1:
@@ -40,13 +67,10 @@ def repeat_kv(x, n_rep):
     return x[:, :, None].expand(B, H, n_rep, S, hs).reshape(B, H * n_rep,
                                                             S, hs)
 
-# %% ../nbs/03_attention.ipynb #b3955d53
+# %% ../nbs/03_attention.ipynb #a8db8a9a
 def rope_cache(T, head_dim, base=10_000.0, device=None):
     "cos and sin of the RoPE angles for positions 0..T-1: two (T, head_dim)."
-    if head_dim % 2:
-        raise ValueError(f'RoPE needs an even head size, not {head_dim}: '
-                         f'choose n_embd and n_head so that n_embd // '
-                         f'n_head is even')
+    _check_even(head_dim)
     inv_freq = base ** -(torch.arange(0, head_dim, 2, device=device,
                                       dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(T, device=device,
@@ -60,7 +84,7 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
-# %% ../nbs/03_attention.ipynb #e26bb051
+# %% ../nbs/03_attention.ipynb #6e94c6cc
 class KVCache(nn.Module):
     "Preallocated keys and values of one layer: (B, n_kv_head, max_len, hs)."
 
@@ -77,15 +101,13 @@ class KVCache(nn.Module):
     def update(self, k, v):
         "Append `k`, `v` (B, n_kv_head, T, hs); return all keys and values."
         T = k.shape[2]
-        if self.pos + T > self.k.shape[2]:
-            raise ValueError(f'the KV cache holds {self.k.shape[2]} '
-                             f'positions; {self.pos + T} are needed')
+        _check_room(self, T)
         self.k[:, :, self.pos:self.pos + T] = k
         self.v[:, :, self.pos:self.pos + T] = v
         self.pos += T
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
-# %% ../nbs/03_attention.ipynb #5a546d4d
+# %% ../nbs/03_attention.ipynb #bff497a4
 class CausalSelfAttention(nn.Module):
     "Multi-head causal self-attention with `n_kv_head` key/value heads."
 
@@ -93,12 +115,7 @@ class CausalSelfAttention(nn.Module):
                  dropout=0.0):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
-        if n_embd % n_head:
-            raise ValueError(f'n_embd ({n_embd}) must be divisible by '
-                             f'n_head ({n_head})')
-        if n_kv_head < 1 or n_head % n_kv_head:
-            raise ValueError(f'n_head ({n_head}) must be divisible by '
-                             f'n_kv_head ({n_kv_head})')
+        _check_heads(n_embd, n_head, n_kv_head)
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim, self.dropout = n_embd // n_head, dropout
         kv_dim = n_kv_head * self.head_dim
@@ -107,7 +124,7 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(n_embd, kv_dim, bias=bias)
         self.o_proj = nn.Linear(n_embd, n_embd, bias=bias)
 
-# %% ../nbs/03_attention.ipynb #bb54ec0f
+# %% ../nbs/03_attention.ipynb #bbf940f2
 def _heads(x, n, hs):
     "(B, T, n * hs) -> (B, n, T, hs)"
     B, T, _ = x.shape
@@ -151,7 +168,7 @@ def forward(self: CausalSelfAttention, x, cos=None, sin=None, cache=None,
     y = y.transpose(1, 2).reshape(B, T, C)          # (B, T, C)
     return self.o_proj(y)
 
-# %% ../nbs/03_attention.ipynb #80ada9fe
+# %% ../nbs/03_attention.ipynb #693335c5
 def kv_cache_bytes(n_layer, n_kv_head, head_dim, seq_len, batch_size=1,
                    bytes_per_value=2):
     "Bytes of a KV cache: keys and values for every layer and position."

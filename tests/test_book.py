@@ -62,12 +62,56 @@ def test_pdf_page_count_is_sane(built_book):
     assert 2 + 2 * n_chapters <= n_pages <= 2 + 60 * n_chapters, n_pages
 
 
-def test_title_page_names_version_and_commit(built_book):
+def test_title_page_names_version_and_sources(built_book):
+    "The title page names the digest of the sources that built it."
     root, pdf = built_book
-    first = PdfReader(pdf).pages[0].extract_text()
+    first = ' '.join(PdfReader(pdf).pages[0].extract_text().split())
     assert build.package_version(root) in first
-    assert 'git commit' in first
+    digest = build.sources_digest(build.load_book(root))
+    assert digest[:16] in first
+    assert build.pdf_digest(pdf) == digest
     assert 'Build a Large Language Model' in first
+
+
+def test_no_missing_glyphs(built_book):
+    "Every character is in one of the book's fonts (no boxes)."
+    _, pdf = built_book
+    assert build.pages_without_glyphs(pdf) == []
+
+
+def test_missing_glyphs_are_found(tmp_path):
+    "The glyph check sees a box: a character that no shipped font has."
+    import typst
+    src = tmp_path / 'x.typ'
+    src.write_text('Hello \u0d9e', encoding='utf-8')   # Sinhala: no font
+    typst.compile(str(src), output=str(tmp_path / 'x.pdf'),
+                  ignore_system_fonts=True,
+                  font_paths=[str(ROOT / 'book' / 'fonts')])
+    assert build.pages_without_glyphs(tmp_path / 'x.pdf') == [1]
+
+
+def test_builds_are_repeatable(built_book, tmp_path):
+    "Two builds of the same sources give the same bytes (no system fonts,"
+    " dates from git)."
+    root, pdf = built_book
+    first = pdf.read_bytes()
+    again = build.build_pdf(root, quarto=False, log=lambda *a: None,
+                            only=None, out=tmp_path / 'again.pdf')
+    assert again.read_bytes() == first
+
+
+def test_front_matter_is_roman_and_index_lists_names(built_book):
+    root, pdf = built_book
+    pages = PdfReader(pdf).pages
+    contents = ' '.join(pages[1].extract_text().split())
+    assert contents.startswith('Contents')
+    assert pages[1].extract_text().strip().splitlines()[-1].strip() == 'i'
+    text = pdf_text(pdf)
+    index = text[text.index('Every public name of the package'):]
+    public = build.public_names(root)
+    for name in ['Tokenizer', 'train', 'generate', 'GPT']:
+        assert any(name in ns for ns in public.values())
+        assert re.search(rf'\b{name}\b.*?\d', index), name
 
 
 def test_figures_and_tables_are_numbered(built_book):
@@ -160,8 +204,12 @@ def test_filter_output_is_valid_for_quarto():
         for cell in nb['cells']:
             if cell['cell_type'] != 'code':
                 continue
+            # Quarto 1.10 joins a one-string source without line breaks
+            assert isinstance(cell['source'], list), path.name
+            assert all(ln.endswith('\n') for ln in cell['source'][:-1])
             _, opts, _ = split_cell(cell['source'])
-            directives = [ln for ln in cell['source'].splitlines()
+            source = ''.join(cell['source'])
+            directives = [ln for ln in source.splitlines()
                           if ln.startswith('#|') and ln + '\n' not in opts]
             assert not directives, f'{path.name}: {directives}'
             text = ''.join(ln.lstrip()[2:] for ln in opts)
@@ -177,8 +225,123 @@ def test_filter_drops_hidden_and_strips_directives():
          'outputs': []},
         {'cell_type': 'markdown', 'source': '# Title'}]}
     cells = filter_nb(nb)['cells']
-    assert [c['source'] for c in cells] == ['#| echo: false\nx = 1',
+    assert [c['source'] for c in cells] == [['#| echo: false\n', 'x = 1'],
                                             '# Title']
+    again = filter_nb(filter_nb(nb))
+    assert again == filter_nb(nb), 'filtering twice changes the notebook'
+
+
+def test_what_quarto_needs_from_the_sources():
+    "The preface is unnumbered; Quarto's files are ignored; the filter runs."
+    pre = json.loads((ROOT / 'index.ipynb').read_text(encoding='utf-8'))
+    first = next(''.join(c['source']) for c in pre['cells']
+                 if c['cell_type'] == 'markdown')
+    heading = re.search(r'^# .*$', first, re.M).group(0)
+    assert '.unnumbered' in heading, heading
+    ignored = (ROOT / '.gitignore').read_text().splitlines()
+    assert '/.quarto/' in ignored and '**/*.quarto_ipynb' in ignored
+    cfg = yaml.safe_load((ROOT / '_quarto.yml').read_text())
+    assert cfg['ipynb-filters'] == ['book/nbfilter.py']
+    assert cfg['format']['typst']['font-paths'] == ['book/fonts']
+    meta = yaml.safe_load((ROOT / 'nbs' / '_metadata.yml').read_text())
+    assert meta['ipynb-filters'] == ['../book/nbfilter.py']
+    assert 'Quarto 1.10' in (ROOT / 'README.md').read_text()
+
+
+@pytest.mark.parametrize('path', chapter_paths(), ids=lambda p: p.name)
+def test_math_that_typst_can_set(path):
+    "No math symbol that pandoc 3.9 names in a way Typst 0.15 rejects."
+    md = ''.join(''.join(c['source']) for c in json.loads(
+        path.read_text(encoding='utf-8'))['cells']
+        if c['cell_type'] == 'markdown')
+    math = ' '.join(re.findall(r'\$\$.*?\$\$|\$[^$\n]+\$', md, re.S))
+    bad = re.findall(r'\\(?:odot|otimes|oplus|ominus)\b|[⊙⊗⊕⊖]', math)
+    assert not bad, (f'{path.name}: {bad}: Typst 0.15 has no dot.circle; '
+                     f'write the Hadamard product as \\circ')
+
+
+def test_tables_read_as_tables():
+    "Index name in the header row, bare 0..n index dropped, numbers right."
+    import pandas as pd
+    df = pd.DataFrame({'params': ['124,439,808', '891,648'],
+                       'name': ['gpt2', 'tiny']},
+                      index=pd.Index(['a', 'b'], name='model'))
+    md = build.html_table_md(df.to_html(), 'tbl-x', 'Two models.')
+    lines = md.strip().splitlines()
+    assert lines[0].split() == ['model', 'params', 'name']
+    assert lines[2].rstrip().endswith('gpt2') and '124,439,808' in lines[2]
+    right = lines[2].index('124,439,808') + len('124,439,808')
+    assert right == lines[0].index('params') + len('params')  # right-aligned
+    plain = build.html_table_md(df.reset_index(drop=True).to_html(), '', '')
+    assert plain.strip().splitlines()[0].split() == ['params', 'name']
+
+
+def test_apostrophes_after_digits():
+    "GPT-2's keeps an apostrophe (Typst would print a prime); code untouched."
+    out = build.apostrophes("GPT-2's head and `x = '2's'`")
+    assert out == "GPT-2’s head and `x = '2's'`"
+
+
+def test_no_number_in_prose_repeats_an_output():
+    "Numbers that code printed are printed into the prose by that code."
+    import typed_numbers
+    found = {p.name: typed_numbers.find_repeats(json.loads(
+        p.read_text(encoding='utf-8'))) for p in chapter_paths()}
+    found = {k: v for k, v in found.items() if v}
+    assert not found, f'typed numbers that outputs print: {found}'
+
+
+def test_typed_number_check_finds_a_copy():
+    import typed_numbers
+    nb = {'cells': [
+        {'cell_type': 'code', 'source': 'print(x)', 'outputs': [
+            {'output_type': 'stream', 'name': 'stdout',
+             'text': ['loss 2.6437 after 1,500 steps\n']}]},
+        {'cell_type': 'markdown', 'source': 'The loss fell to 2.64 in 1500 '
+         'steps; GPT-2 has 50,257 tokens, SHA-256.'},
+        {'cell_type': 'markdown', 'source': '<!-- not-from-output: 1,500 -->'
+         'We ran 1,500 steps.'}]}
+    found = [n for _, n, _ in typed_numbers.find_repeats(nb)]
+    assert found == ['2.64', '1500']
+
+
+def test_output_comparison():
+    "Numbers within tolerance pass; other text, or kinds, do not."
+    import verify
+    assert verify.same_text('loss 2.6437 (12 s)', 'loss 2.6438 (12 s)', 2e-3)
+    assert not verify.same_text('loss 2.64', 'loss 2.91', 2e-3)
+    assert not verify.same_text('shakespeare-8k', 'shakespeare-2k', 2e-3)
+    img = {'output_type': 'display_data', 'data': {'image/png': 'x'}}
+    err = {'output_type': 'error', 'ename': 'ValueError', 'evalue': 'bad'}
+    assert verify.output_kinds([img, err]) == ['image', 'error']
+    tmp = {'output_type': 'stream', 'name': 'stdout',
+           'text': 'saved /tmp/tmpab12x/run at 0x7f3a2b1c9d\n'}
+    assert verify.output_text([tmp]) == 'saved <tmp> at 0x…'
+
+
+def test_verify_catches_a_stale_output(tmp_path):
+    "A stored output that the code no longer prints fails, naming the cell."
+    import verify
+    nb = {'cells': [
+        {'cell_type': 'code', 'metadata': {}, 'execution_count': None,
+         'source': 'print(6 * 7)', 'outputs': [
+             {'output_type': 'stream', 'name': 'stdout', 'text': '42\n'}]},
+        {'cell_type': 'code', 'metadata': {}, 'execution_count': None,
+         'source': '#| varies\nimport time; print(time.time())',
+         'outputs': [{'output_type': 'stream', 'name': 'stdout',
+                      'text': '1.0\n'}]},
+        {'cell_type': 'code', 'metadata': {}, 'execution_count': None,
+         'source': '#| slow\nprint("never run here")', 'outputs': []},
+        {'cell_type': 'code', 'metadata': {}, 'execution_count': None,
+         'source': 'print("new")', 'outputs': [
+             {'output_type': 'stream', 'name': 'stdout', 'text': 'old\n'}]}],
+        'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}
+    path = tmp_path / 'demo.ipynb'
+    path.write_text(json.dumps(nb))
+    _, problems = verify.run_chapter(path)
+    assert len(problems) == 1, problems
+    assert 'cell 3 (print("new"))' in problems[0]
+    assert '-old' in problems[0] and '+new' in problems[0]
 
 
 def test_xrefs_and_citations_are_told_apart():
