@@ -279,7 +279,8 @@ class ChapterWriter:
 
     def index_marks(self, code):
         "Invisible Typst labels where this cell defines public names."
-        found = [m.group(1) or m.group(2) for m in _DEF.finditer(code)]
+        found = [n.strip() for m in _DEF.finditer(code)
+                 for n in (m.group(1) or m.group(2)).split(',')]
         found = [n for n in found if n in self.public]
         self.public -= set(found)
         marks = ''.join(f'#metadata("{n}") <idx:{n}>\n' for n in found)
@@ -331,9 +332,10 @@ class ChapterWriter:
         if opts.get('include') is False:
             return []
         _, _, code = split_cell(cell.get('source', ''))
-        parts = [self.index_marks(code)]
+        parts = []
         if code.strip() and opts.get('echo', True) is not False:
-            parts.append(fenced(code, 'python'))
+            # the index points at code the reader sees
+            parts += [self.index_marks(code), fenced(code, 'python')]
         if opts.get('output', True) is not False:
             self.used_label = False
             merged = merge_streams(cell.get('outputs', []))
@@ -379,6 +381,13 @@ def apostrophes(md):
                    for i, p in enumerate(parts))
 
 
+def typst_apostrophes(typ):
+    "Typst sets ' after a digit as a prime (2′s): use ’ outside raw text."
+    parts = re.split(r'(```.*?```|`[^`\n]*`)', typ, flags=re.S)
+    return ''.join(p if i % 2 else re.sub(r"(?<=\d)'(?=[A-Za-z])", '’', p)
+                   for i, p in enumerate(parts))
+
+
 def merge_streams(outputs):
     "Join consecutive stream outputs of the same name into one."
     merged = []
@@ -400,8 +409,8 @@ def xrefs(md):
     return re.sub(r'(?<![\w`])@((?:fig|tbl|sec|eq|lst)-[\w-]*\w)', sub, md)
 
 
-_DEF = re.compile(r'^(?:async\s+)?(?:def|class)\s+(\w+)|^(\w+)\s*(?::[^=\n]*)?=',
-                  re.M)
+_DEF = re.compile(r'^(?:async\s+)?(?:def|class)\s+(\w+)'
+                  r'|^(\w+(?:\s*,\s*\w+)*)\s*(?::[^=\n]*)?=', re.M)
 
 
 def public_names(root):
@@ -478,15 +487,25 @@ def source_files(book):
 
 def source_date(book):
     """(YYYY-MM-DD, Unix time) of the sources, so builds are repeatable:
-    `SOURCE_DATE_EPOCH` if set, else the last commit, else the newest
-    source file."""
+    `SOURCE_DATE_EPOCH` if set; else the last commit's time, or today's
+    date when sources differ from it; else the newest source file."""
     root = book['root']
-    r = subprocess.run(['git', 'log', '-1', '--format=%ct'], cwd=root,
-                       capture_output=True, text=True)
+
+    def git(*args):
+        r = subprocess.run(['git', *args], cwd=root, capture_output=True,
+                           text=True)
+        return r.stdout.strip() if r.returncode == 0 else ''
+    committed = git('log', '-1', '--format=%ct')
+    edited = committed and git('status', '--porcelain', '--',
+                               *[rel(f, root) for f in source_files(book)])
     if os.environ.get('SOURCE_DATE_EPOCH'):
         ts = int(os.environ['SOURCE_DATE_EPOCH'])
-    elif r.returncode == 0 and r.stdout.strip():
-        ts = int(r.stdout.strip())
+    elif edited:
+        today = datetime.datetime.now(datetime.timezone.utc).date()
+        ts = int(datetime.datetime.combine(
+            today, datetime.time(), datetime.timezone.utc).timestamp())
+    elif committed:
+        ts = int(committed)
     else:
         ts = int(max(f.stat().st_mtime for f in source_files(book)))
     day = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
@@ -535,6 +554,7 @@ def render_pandoc(book, nbs, work):
     text = typ.read_text(encoding='utf-8')
     for old, new in TYPST_RENAMES.items():
         text = re.sub(old, new, text)
+    text = typst_apostrophes(text)
     typ.write_text(text, encoding='utf-8')
     pdf = work / 'book.pdf'
     try:
