@@ -305,7 +305,7 @@ class ChapterWriter:
         kind = out.get('output_type')
         if kind == 'stream':
             text = _ANSI.sub('', ''.join(out.get('text', '')))
-            return xrefs(apostrophes(text)) if opts.get('output') == 'asis' \
+            return xrefs(text) if opts.get('output') == 'asis' \
                 else fenced(text)
         if kind == 'error':
             tb = _ANSI.sub('', '\n'.join(out.get('traceback', [])))
@@ -349,7 +349,6 @@ class ChapterWriter:
             kind = cell.get('cell_type')
             src = ''.join(cell.get('source', ''))
             if kind == 'markdown':
-                src = apostrophes(src)
                 parts.append(xrefs(src if numbered else unnumbered(src)))
             elif kind == 'code':
                 parts += self.code_cell(cell)
@@ -374,18 +373,16 @@ def unnumbered(md):
 
 
 def apostrophes(md):
-    "Typographic apostrophes after digits in prose (Typst makes 2's 2′s)."
+    """Typographic apostrophes after digits outside code and math (Typst
+    sets 2's as 2′s). Applied to the Typst source, since pandoc writes ’
+    back as '; Typst marks raw text and math as Markdown does."""
     parts = re.split(r'(```.*?```|`[^`\n]*`|\$\$.*?\$\$|\$[^$\n]*\$)', md,
                      flags=re.S)
     return ''.join(p if i % 2 else re.sub(r"(?<=\d)'(?=[A-Za-z])", '’', p)
                    for i, p in enumerate(parts))
 
 
-def typst_apostrophes(typ):
-    "Typst sets ' after a digit as a prime (2′s): use ’ outside raw text."
-    parts = re.split(r'(```.*?```|`[^`\n]*`)', typ, flags=re.S)
-    return ''.join(p if i % 2 else re.sub(r"(?<=\d)'(?=[A-Za-z])", '’', p)
-                   for i, p in enumerate(parts))
+typst_apostrophes = apostrophes
 
 
 def merge_streams(outputs):
@@ -554,7 +551,7 @@ def render_pandoc(book, nbs, work):
     text = typ.read_text(encoding='utf-8')
     for old, new in TYPST_RENAMES.items():
         text = re.sub(old, new, text)
-    text = typst_apostrophes(text)
+    text = apostrophes(text)
     typ.write_text(text, encoding='utf-8')
     pdf = work / 'book.pdf'
     try:
