@@ -101,27 +101,32 @@ def _check_choice(name, value, choices):
 # %% ../nbs/02_data.ipynb #773b12b6
 def expand_paths(inputs, suffixes=('.txt', '.md')):
     "Files named by `inputs`: files, folders (recursively) and globs."
-    files = []
-    for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
-        files += _files_of(str(item), suffixes)  # never empty
-    return _given(files)
+    return [f for f, _ in _named_files(inputs, suffixes)]
 
 
 def read_documents(inputs, errors='strict', skip_empty=False):
-    "One document per file of `inputs` (see `expand_paths`)."
+    "One document per file of `inputs`, named by its path from the input."
     docs, skipped = [], []
-    for f in expand_paths(inputs):
+    for f, name in _named_files(inputs):
         text = _read_text(f, errors)  # any error names the file
         if text.strip():
-            docs.append(Doc(text, str(f)))
+            docs.append(Doc(text, name))
         elif _may_skip(f, skip_empty):
             skipped.append(str(f))
     return docs, skipped
 
 # %% ../nbs/02_data.ipynb #8a906831
 #| echo: false
+def _named_files(inputs, suffixes=('.txt', '.md')):
+    "(file, name) pairs of `inputs`; a name is the path from the input."
+    pairs = []
+    for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
+        pairs += _files_of(str(item), suffixes)  # never empty
+    return _given(pairs)
+
+
 def _files_of(item, suffixes):
-    "The files of one input: a file, a folder (recursively) or a glob."
+    "(file, name) pairs of one input: a file, a folder or a glob."
     matches = sorted(glob(item, recursive=True)) \
         if any(c in item for c in '*?[') else [item]
     if not matches:
@@ -129,10 +134,12 @@ def _files_of(item, suffixes):
     files = []
     for m in map(Path, matches):
         if m.is_dir():
-            files += sorted(f for f in m.rglob('*')
-                            if f.is_file() and f.suffix in suffixes)
+            top = m.resolve().name  # the folder's own name, even for '.'
+            files += [(f, f'{top}/{f.relative_to(m).as_posix()}')
+                      for f in sorted(m.rglob('*'))
+                      if f.is_file() and f.suffix in suffixes]
         elif m.is_file():
-            files.append(m)
+            files.append((m, m.name))
         else:
             raise FileNotFoundError(f'{m}: no such file or folder')
     if not files:

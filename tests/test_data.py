@@ -245,6 +245,23 @@ def test_split_is_deterministic_and_disjoint(docs):
         split_documents(docs, 1.0)
 
 
+def test_split_does_not_depend_on_where_the_corpus_lies(tmp_path):
+    "Documents are named from the input, so a moved corpus splits alike."
+    splits = []
+    for where in 'here', 'elsewhere/deeper':
+        folder = tmp_path / where / 'texts'
+        (folder / 'act').mkdir(parents=True)
+        for i in range(40):
+            sub = folder / 'act' if i % 2 else folder
+            (sub / f'{i:02d}.txt').write_text(f'text {i}')
+        docs, _ = read_documents(folder)
+        splits.append([d.source for d in split_documents(docs)[1]])
+    assert splits[0] == splits[1] and splits[0]
+    assert all(s.startswith('texts/') for s in splits[0])
+    single, _ = read_documents(tmp_path / 'here' / 'texts' / '00.txt')
+    assert single[0].source == '00.txt'
+
+
 # -- reading files: the error policy -----------------------------------------
 
 def test_read_documents_errors(tmp_path):
@@ -261,7 +278,8 @@ def test_read_documents_errors(tmp_path):
         read_documents(tmp_path / 'latin1.txt')
     found, skipped = read_documents(tmp_path, errors='replace',
                                     skip_empty=True)
-    assert [Path(d.source).name for d in found] == ['latin1.txt', 'ok.txt']
+    assert [d.source for d in found] == [f'{tmp_path.name}/latin1.txt',
+                                         f'{tmp_path.name}/ok.txt']
     assert found[0].text == 'caf\ufffd'
     assert [Path(s).name for s in skipped] == ['empty.txt']
 
