@@ -6,8 +6,8 @@
 __all__ = ['PEAK_FLOPS', 'CKPT_FORMAT', 'CKPT_VERSION', 'RESUMABLE', 'evaluate', 'param_groups', 'lr_schedule', 'matmul_flops',
            'peak_flops', 'save_checkpoint', 'latest_checkpoint', 'rng_states', 'read_checkpoint_meta',
            'load_checkpoint', 'model_from_checkpoint', 'config_from_dict', 'CSVTracker', 'read_log', 'TrainConfig',
-           'check_train_config', 'warmup_steps', 'sample', 'build_run', 'initial_model', 'make_optimizer', 'Replicas',
-           'parallelism', 'train', 'peak_memory_gb', 'resume_config']
+           'check_train_config', 'warmup_steps', 'sample', 'build_run', 'make_loader', 'initial_model',
+           'make_optimizer', 'Replicas', 'parallelism', 'train', 'peak_memory_gb', 'resume_config']
 
 # %% ../nbs/05_training.ipynb #9bc1b352
 #| echo: false
@@ -347,12 +347,39 @@ def model_from_checkpoint(path):
     if meta.get('sharded'):  # chapter 6 checks the shards' headers
         from llm_from_scratch.distributed import check_shards
         check_shards(path, meta, config)
-    else:  # the file's names and shapes, before allocating anything
+    elif not _lora_of(meta):  # names and shapes, before allocating
         check_weights(config, path / 'model.safetensors')
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stays
-        model = GPT(config)
+        model = _with_adapters(GPT(config), _lora_of(meta))
     load_checkpoint(path, model)
-    return model
+    return _merged(model, _lora_of(meta))
+
+# %% ../nbs/05_training.ipynb #a1f0c9e2
+#| echo: false
+def _lora_of(meta):
+    "The LoRA settings a checkpoint was trained with (chapter 9), or None."
+    c = meta.get('train_config') or {}
+    if not c.get('lora_rank'):
+        return None
+    return (c['lora_rank'], c.get('lora_alpha', 16.0),
+            tuple(c.get('lora_targets', ())), c.get('lora_dropout', 0.0))
+
+
+def _with_adapters(model, lora):
+    "`model` with LoRA adapters added (chapter 9), if `lora` says so."
+    if lora is None:
+        return model
+    from llm_from_scratch.lora import add_lora  # a later chapter
+    return add_lora(model, *lora)
+
+
+def _merged(model, lora):
+    "`model` with its LoRA adapters merged into the weights (chapter 9)."
+    if lora is None:
+        return model
+    from llm_from_scratch.lora import merge_lora
+    return merge_lora(model)
+
 
 # %% ../nbs/05_training.ipynb #3a052648
 #| echo: false
@@ -537,6 +564,10 @@ class TrainConfig:
     seed: int = 0                   # seed of the model and the batches
     log_with: tuple = ('csv',)      # trackers besides the CSV log
     parallel: str = 'ddp'           # 'ddp' or 'fsdp' (chapter 6)
+    lora_rank: int = 0              # > 0: train LoRA adapters (chapter 9)
+    lora_alpha: float = 16.0        # LoRA's scale is lora_alpha / rank
+    lora_targets: tuple = ('q_proj', 'k_proj', 'v_proj', 'o_proj')
+    lora_dropout: float = 0.0       # dropout on the adapters' input
 
 # %% ../nbs/05_training.ipynb #1744f254
 #| echo: false
@@ -571,10 +602,25 @@ def check_train_config(c):
              "'auto', 'fp32' or 'bf16'")
     _require(c, 'parallel', c.parallel in ('ddp', 'fsdp'),
              "'ddp' or 'fsdp'")
+    _check_lora(c)
     if c.init_from is None and c.block_size > preset(c.model).block_size:
         raise ValueError(f'block_size {c.block_size} exceeds the context '
                          f'of preset {c.model!r} '
                          f'({preset(c.model).block_size})')
+
+
+def _check_lora(c):
+    "The LoRA settings of `c` (chapter 9) are possible."
+    _require(c, 'lora_rank', c.lora_rank >= 0, 'at least 0 (0: no LoRA)')
+    _require(c, 'lora_alpha', math.isfinite(c.lora_alpha) and
+             c.lora_alpha > 0, 'a positive, finite number')
+    _require(c, 'lora_dropout', 0 <= c.lora_dropout < 1, 'in [0, 1)')
+    _require(c, 'lora_targets', len(c.lora_targets) > 0 and all(
+        isinstance(t, str) for t in c.lora_targets),
+        'a tuple of layer names, such as q_proj')
+    if c.lora_rank and c.parallel == 'fsdp':
+        raise ValueError("lora_rank > 0 trains with parallel='ddp' only; "
+                         "FSDP is for models too large for one device")
 
 
 def _require(c, name, ok, what):
@@ -632,24 +678,34 @@ def build_run(c, world_size=1, rank=0):
     "Tokenizer, model and this rank's loaders for config `c`."
     _check_batch(c, world_size)  # it is split evenly among processes
     tok = load_tokenizer(c.data)
-    _, train_shards = load_split(c.data, 'train', verify=True)
-    _, val_shards = load_split(c.data, 'val', verify=True)
+    train = make_loader(c, 'train', 'random', world_size, rank)
+    val = make_loader(c, 'val', 'sequential', world_size, rank)
     torch.manual_seed(c.seed)
     model = initial_model(c, tok.vocab_size)
-    b = c.batch_size // world_size  # this rank's share of each batch
-    train = BatchLoader(train_shards, b, c.block_size, 'random', c.seed,
-                        rank, world_size)
-    val = BatchLoader(val_shards, b, c.block_size, 'sequential', c.seed,
-                      rank, world_size)
     return tok, model, train, val
+
+
+def make_loader(c, split, mode, world_size=1, rank=0):
+    "This rank's loader of `split` of `c.data`, its shards verified."
+    meta, shards = load_split(c.data, split, verify=True)
+    b = c.batch_size // world_size  # this rank's share of each batch
+    if meta.get('kind') == 'chat':  # whole conversations: chapter 8
+        from llm_from_scratch.finetuning import ChatLoader
+        return ChatLoader(c.data, split, b, c.block_size, mode, c.seed,
+                          rank, world_size)
+    return BatchLoader(shards, b, c.block_size, mode, c.seed, rank,
+                       world_size)
 
 
 def initial_model(c, vocab_size):
     "The model run `c` starts from: a new preset, or `c.init_from`'s."
     if c.init_from is None:
-        return GPT(preset(c.model, vocab_size=vocab_size,
-                          block_size=c.block_size, dropout=c.dropout))
-    return _pretrained(c, vocab_size)
+        model = GPT(preset(c.model, vocab_size=vocab_size,
+                           block_size=c.block_size, dropout=c.dropout))
+    else:
+        model = _pretrained(c, vocab_size)
+    lora = (c.lora_rank, c.lora_alpha, c.lora_targets, c.lora_dropout)
+    return _with_adapters(model, lora if c.lora_rank else None)
 
 
 def make_optimizer(c, model):
@@ -1107,6 +1163,7 @@ def _pretrained(c, vocab_size):
             src = latest_checkpoint(src) or src
         _check_same_tokenizer(c, read_checkpoint_meta(src))
         model = model_from_checkpoint(src)
+    model = _grown(c, model)  # chat data adds role tokens (chapter 8)
     config = model.config
     _check_fits(c, config, vocab_size)  # same ids, context long enough
     if config.dropout != c.dropout:  # the run's dropout, same weights
@@ -1129,10 +1186,25 @@ def _check_fits(c, config, vocab_size):
                          f'of init_from {c.init_from} ({config.block_size})')
 
 
+def _data_meta(c):
+    return load_split(c.data, 'train')[0]
+
+
+def _grown(c, model):
+    "`model`, its vocabulary grown by the tokens the data adds (ch. 8)."
+    added = _data_meta(c).get('added_tokens')
+    if not added or model.config.vocab_size + len(added) != \
+            load_tokenizer(c.data).vocab_size:
+        return model
+    from llm_from_scratch.finetuning import grow_vocab  # a later chapter
+    return grow_vocab(model, load_tokenizer(c.data), added)
+
+
 def _check_same_tokenizer(c, meta):
     "Refuse a checkpoint whose recorded tokenizer is not the data's."
     sha = meta.get('tokenizer_sha256')
-    if sha is not None and sha != _sha256(_tokenizer_file(c)):
+    base = _data_meta(c).get('base_tokenizer_sha256')  # data that adds
+    if sha is not None and sha not in (base, _sha256(_tokenizer_file(c))):
         raise ValueError(f'init_from {c.init_from} was trained with another '
                          f'tokenizer than {_tokenizer_file(c)}: prepare the '
                          f'data with its tokenizer.json')

@@ -267,3 +267,76 @@ def test_files_follow_the_umask(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for f in (tmp_path / 'out').iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+# -- finetune and chat -------------------------------------------------------
+
+CHAT_SMALL = ['--block_size', 32, '--batch_size', 4, '--eval_every', 2,
+              '--eval_batches', 1, '--save_every', 2, '--quiet']
+
+
+@pytest.fixture(scope='module')
+def chats(tmp_path_factory):
+    f = tmp_path_factory.mktemp('cli') / 'chats.jsonl'
+    rows = [{'messages': [dict(role='user', content=f'What is {i} plus 1?'),
+                          dict(role='assistant', content=str(i + 1))]}
+            for i in range(40)]
+    f.write_text('\n'.join(map(json.dumps, rows)))
+    return f
+
+
+@pytest.fixture(scope='module')
+def chat_run(run_dir, chats, tmp_path_factory):
+    out = tmp_path_factory.mktemp('cli') / 'chat'
+    r = run('finetune', '--init_from', run_dir, '--chats', chats, '--out',
+            out, '--max_steps', 4, *CHAT_SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_finetune_from_files_and_resume(chat_run, run_dir):
+    meta, _ = load_split(chat_run / 'data', 'train')
+    assert meta['kind'] == 'chat' and meta['source'].endswith('.jsonl')
+    assert read_log(chat_run)[-1]['step'] == 4
+    r = run('finetune', '--out', chat_run, '--resume', '--max_steps', 6,
+            '--quiet')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_log(chat_run)[-1]['step'] == 6
+    r = run('finetune', '--init_from', run_dir, '--out', chat_run)
+    assert r.returncode == 1 and '--resume' in r.stderr
+
+
+def test_finetune_needs_a_base_model_and_good_chats(run_dir, tmp_path):
+    r = run('finetune', '--out', tmp_path / 'x')
+    assert r.returncode == 1 and '--init_from' in r.stderr
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}')
+    r = run('finetune', '--init_from', run_dir, '--chats', bad, '--out',
+            tmp_path / 'y')
+    assert r.returncode == 1 and 'bad.jsonl:1: no assistant' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'y' / 'data').exists()
+
+
+def test_finetune_with_lora_then_chat(run_dir, chats, tmp_path):
+    out = tmp_path / 'lora'
+    r = run('finetune', '--init_from', run_dir, '--chats', chats, '--out',
+            out, '--max_steps', 2, '--lora_rank', 2, *CHAT_SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run('chat', '--checkpoint', out, '--max_new_tokens', 3,
+            input='What is 2 plus 1?\n')
+    assert r.returncode == 0 and r.stdout.count('assistant> ') == 1
+
+
+def test_chat_through_stdin(chat_run):
+    r = run('chat', '--checkpoint', chat_run, '--seed', 0,
+            '--max_new_tokens', 5, '--system', 'Be brief.',
+            input='What is 3 plus 1?\n/reset\nHello\n/quit\nnot read\n')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count('you> ') == 4  # the last prompt got /quit
+    assert r.stdout.count('assistant> ') == 2
+
+
+def test_chat_refuses_a_model_that_was_not_fine_tuned(run_dir):
+    r = run('chat', '--checkpoint', run_dir, input='hi\n')
+    assert r.returncode == 1 and 'not a chat model' in r.stderr

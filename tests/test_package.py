@@ -74,11 +74,13 @@ def test_readme_quick_start(venv, tmp_path):
     venv, _ = venv
     commands = quick_start()
     assert [c[1] for c in commands] == ['prepare', 'train', 'generate',
-                                        'export', 'COMMAND'], commands
+                                        'finetune', 'chat', 'export',
+                                        'COMMAND'], commands
     env = {**os.environ, 'PATH': f'{venv / "bin"}:{os.environ["PATH"]}'}
     for cmd in commands:
         if cmd[1] == 'COMMAND':  # every command's --help
-            for name in ('prepare', 'train', 'generate', 'export'):
+            for name in ('prepare', 'train', 'generate', 'finetune', 'chat',
+                         'export'):
                 r = run(cmd[0], name, '--help', cwd=tmp_path, env=env)
                 assert '--' in r.stdout
             continue
@@ -87,9 +89,15 @@ def test_readme_quick_start(venv, tmp_path):
             cmd = cmd[:i + 1] + ['12'] + cmd[i + 2:]
         if cmd[1] == 'generate':
             cmd = cmd + ['--max_new_tokens', '20', '--seed', '0']
-        r = run(*cmd, cwd=tmp_path, env=env)
+        if cmd[1] == 'finetune':  # a short run, on a few chats
+            cmd = cmd + ['--max_steps', '6', '--eval_every', '3',
+                         '--eval_batches', '2']
+        talk = 'What is 2 plus 3?\n' if cmd[1] == 'chat' else None
+        r = run(*cmd, cwd=tmp_path, env=env, input=talk)
         if cmd[1] == 'generate':
             assert r.stdout.startswith('ROMEO:') and 'tokens/s' in r.stderr
+        if cmd[1] == 'chat':
+            assert r.stdout.count('assistant> ') == 1, r.stdout
     exported = tmp_path / 'runs' / 'tiny-export'
     assert {'model.safetensors', 'tokenizer.json'} <= {
         p.name for p in exported.iterdir()}
