@@ -389,18 +389,33 @@ def _write_hf(folder, model, meta, tok):
     "config.json, weights and tokenizer files as `transformers` reads them."
     config, kind = config_to_hf(model.config)
     tok = Tokenizer.load(tok)
-    eot = tok.special_tokens.get('<|endoftext|>')
-    ids = {} if eot is None else dict(bos_token_id=eot, eos_token_id=eot)
+    names = _special_names(tok)  # bos_token, eos_token as present
+    ids = {f'{k}_id': tok.special_tokens[v] for k, v in names.items()}
     _write_json(folder / 'config.json', dict(config, **ids))
     _write_json(folder / 'generation_config.json', ids)
     save_file(to_hf(model, kind), str(folder / 'model.safetensors'),
               metadata=dict(format='pt'))
     tok.save_hf(folder / 'tokenizer.json')
-    names = {} if eot is None else dict(bos_token='<|endoftext|>',
-                                        eos_token='<|endoftext|>')
     _write_json(folder / 'tokenizer_config.json', dict(
         tokenizer_class='PreTrainedTokenizerFast',
-        model_max_length=model.config.block_size, **names))
+        model_max_length=model.config.block_size, **names,
+        **_chat_template(tok)))
+
+
+def _special_names(tok):
+    "Beginning and end of text; a chat model (chapter 8) ends at <|end|>."
+    names = dict(bos_token='<|endoftext|>', eos_token='<|endoftext|>')
+    if '<|end|>' in tok.special_tokens:
+        names['eos_token'] = '<|end|>'
+    return {k: v for k, v in names.items() if v in tok.special_tokens}
+
+
+def _chat_template(tok):
+    "The chat template of chapter 8, for a tokenizer with its role tokens."
+    if '<|assistant|>' not in tok.special_tokens:
+        return {}
+    from llm_from_scratch.finetuning import CHAT_TEMPLATE  # a later chapter
+    return dict(chat_template=CHAT_TEMPLATE)
 
 
 def _write_json(path, obj):

@@ -340,3 +340,23 @@ def test_chat_through_stdin(chat_run):
 def test_chat_refuses_a_model_that_was_not_fine_tuned(run_dir):
     r = run('chat', '--checkpoint', run_dir, input='hi\n')
     assert r.returncode == 1 and 'not a chat model' in r.stderr
+
+
+def test_exported_chat_model_talks_in_transformers(chat_run, tmp_path):
+    transformers = pytest.importorskip('transformers')
+    from llm_from_scratch.finetuning import replies
+    from llm_from_scratch.generation import load_for_generation
+    out = tmp_path / 'hf'
+    r = run('export', chat_run, out, '--format', 'hf')
+    assert r.returncode == 0, r.stderr[-2000:]
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    talk = [dict(role='user', content='What is 3 plus 1?')]
+    enc = tok.apply_chat_template(talk, add_generation_prompt=True,
+                                  return_tensors='pt')
+    new = model.generate(**enc, max_new_tokens=6, do_sample=False)
+    theirs = tok.decode(new[0, enc['input_ids'].shape[1]:],
+                        skip_special_tokens=True)
+    ours = replies(*load_for_generation(chat_run), [talk],
+                   max_new_tokens=6)[0]
+    assert tok.eos_token == '<|end|>' and theirs == ours
