@@ -356,9 +356,8 @@ def _chat_data(out, init_from, chats, tokenizer, val_fraction, block_size,
                               f'to continue it, or choose another --out')
     if chats:
         rows = [c for f in chats.split(',') for c in ft.read_chats(f)]
-        shares = dict(train=1 - val_fraction, val=val_fraction)
-        splits = {s: [c for c in rows if ft._side(
-            json.dumps(c), seed, shares) == s] for s in shares}
+        splits = dict(zip(('train', 'val'),
+                          ft.split_chats(rows, val_fraction, seed)))
         _check_val(splits, len(rows), val_fraction)
     else:
         splits = {s: [r['messages'] for r in rows] for s, rows in

@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['ROLES', 'TASKS', 'END', 'CHAT_TOKENS', 'CHAT_TEMPLATE', 'FINETUNE', 'check_chat', 'alpaca_chat', 'as_chat',
-           'read_chats', 'hf_chats', 'play_of', 'task_suite', 'chat_tokenizer', 'render_chat', 'save_chat_tokenizer',
-           'grow_vocab', 'pack', 'prepare_chat', 'ChatLoader', 'finetune_config', 'replies', 'accuracy']
+           'read_chats', 'hf_chats', 'play_of', 'split_chats', 'task_suite', 'chat_tokenizer', 'render_chat',
+           'save_chat_tokenizer', 'grow_vocab', 'pack', 'prepare_chat', 'ChatLoader', 'finetune_config', 'replies',
+           'accuracy']
 
 # %% ../nbs/08_finetuning.ipynb #d38145a1
 #| echo: false
@@ -187,6 +188,14 @@ TASKS = dict(reverse=_task_reverse, count=_task_count, add=_task_add,
              play=_task_play)
 
 # %% ../nbs/08_finetuning.ipynb #a91ce1f4
+def split_chats(chats, val_fraction=0.1, seed=0):
+    "Split `chats` into (train, val) by a seeded hash of each one."
+    shares = dict(train=1 - val_fraction, val=val_fraction)
+    sides = [_side(json.dumps(c), seed, shares) for c in chats]
+    return tuple([c for c, s in zip(chats, sides) if s == name]
+                 for name in shares)
+
+
 def _side(key, seed, fractions):
     "The split a prompt or scene belongs to, from a seeded hash of `key`."
     h = hashlib.blake2b(f'{seed}:{key}'.encode(), digest_size=8)
@@ -382,17 +391,16 @@ class ChatLoader(BatchLoader):
                          rank, world_size)
         self.n_windows = len(self.rows)  # one window per packed row
 
+    def _window(self, i):
+        "Sequential window `i` is row `i` (not a (shard, offset) pair)."
+        return int(i)
+
     def _windows(self, step):
-        "This rank's row numbers at `step` (not (shard, offset) pairs)."
-        g = self.B * self.world  # rows per step, all ranks together
-        if self.mode == 'random':
-            rows = np.random.default_rng([self.seed, step]).integers(
-                self.n_windows, size=g).tolist()
-        else:  # every row once per epoch, in a shuffled order
-            epoch, k = np.divmod(np.arange(step * g, (step + 1) * g),
-                                 self.n_windows)
-            rows = [int(self._order(e)[i])
-                    for e, i in zip(epoch.tolist(), k.tolist())]
+        "This rank's row numbers at `step`."
+        if self.mode != 'random':  # each row once per epoch, shuffled
+            return super()._windows(step)
+        rows = np.random.default_rng([self.seed, step]).integers(
+            self.n_windows, size=self.B * self.world).tolist()
         return rows[self.rank::self.world]
 
     def batch(self, step):

@@ -116,28 +116,25 @@ def _sites(model, targets):
 
 def merge_lora(model):
     "Every `LoRALinear` of `model` replaced by a Linear holding W + s B A."
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
-                child.merge()
-                setattr(parent, name, child.base_layer)
-    for p in model.parameters():
-        p.requires_grad_(True)  # a plain model again, all trainable
-    return model
+    return _unwrap(model, LoRALinear.merge)
 
 
 def strip_lora(model):
     "A copy of `model` without adapters: the base weights, unmerged."
     import copy
-    base = copy.deepcopy(model)
-    for parent in list(base.modules()):
+    return _unwrap(copy.deepcopy(model), LoRALinear.unmerge)
+
+
+def _unwrap(model, fold):
+    "`model`, each LoRALinear replaced by its base layer after `fold`."
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
-                child.unmerge()
+                fold(child)
                 setattr(parent, name, child.base_layer)
-    for p in base.parameters():
-        p.requires_grad_(True)
-    return base
+    for p in model.parameters():
+        p.requires_grad_(True)  # a plain model again, all trainable
+    return model
 
 # %% ../nbs/09_lora.ipynb #0000001fl9
 def layer_shapes(config):

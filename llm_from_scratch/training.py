@@ -1196,11 +1196,11 @@ def _data_meta(c):
 def _grown(c, model):
     "`model`, its vocabulary grown by the tokens the data adds (ch. 8)."
     added = _data_meta(c).get('added_tokens')
-    if not added or model.config.vocab_size + len(added) != \
-            load_tokenizer(c.data).vocab_size:
+    tok = load_tokenizer(c.data) if added else None
+    if not added or model.config.vocab_size + len(added) != tok.vocab_size:
         return model
     from llm_from_scratch.finetuning import grow_vocab  # a later chapter
-    return grow_vocab(model, load_tokenizer(c.data), added)
+    return grow_vocab(model, tok, added)
 
 
 def _check_same_tokenizer(c, meta):
