@@ -71,13 +71,17 @@ verify: export ## re-run the chapters (not slow cells), compare outputs
 verify-slow: export ## re-run every cell, book-scale runs included (hours)
 	$(PY) book/verify.py --slow --jobs 1 --rtol 0.05
 
+# two test processes of one thread each: most tests wait on Python or on
+# the processes they start, so two share the cores better than one
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -q -n 2 --dist loadfile
+
 pytest: $(STAMP) ## run tests/ (book build, packaging, parity, CLI)
-	$(BIN)/pytest -q --durations=12 tests
+	$(PYTEST) --durations=12 tests
 
 test: drift verify pytest ## everything CI runs
 
 test-fast: drift $(STAMP) ## the tests without the slow ones (no chapters)
-	$(BIN)/pytest -q -m 'not slow' tests
+	$(PYTEST) -m 'not slow' tests
 
 wheel: $(STAMP) ## build dist/llm_from_scratch-<version>-py3-none-any.whl
 	$(PY) -m build --wheel --no-isolation --outdir dist .

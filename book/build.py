@@ -540,6 +540,8 @@ def render_pandoc(book, nbs, work):
             '--wrap', 'preserve']
     args += [f'--metadata={k}:{v}' for k, v in meta.items()]
     args.append(f'--variable=author-plain:{book["author"]}')
+    # the sources' digest, which `pdf_digest` reads back from the PDF
+    args.append(f'--variable=keywords:{DIGEST_KEY}{sources_digest(book)}')
     if book['bib']:
         args += ['--citeproc', '--bibliography', str(book['bib'])]
     typ = work / 'book.typ'
@@ -572,26 +574,65 @@ def render_pandoc(book, nbs, work):
     return pdf
 
 
+# what the glyph check reads in a page's content stream: `/font size Tf`,
+# text shown with TJ (an array of strings) or Tj, and any other string (so
+# that the scan never starts inside one)
+_STR = rb"\((?:\\.|[^\\)])*\)|<[0-9A-Fa-f\s]*>"
+CONTENT = re.compile(
+    rb"/(?P<font>[^\s/\[\]()<>{}%]+)\s+[-+.\d]+\s+Tf"
+    rb"|(?P<shown>\[(?:" + _STR + rb"|[^\]()<])*\]\s*TJ|(?:" + _STR +
+    rb")\s*Tj)|" + _STR, re.S)
+_UNIT = re.compile(rb"\\[0-7]{1,3}|\\\r?\n|\\.|[^\\]", re.S)
+_UNITS = {bytes([b]): bytes([b]) for b in range(256)}  # a byte as itself,
+_UNITS.update({b'\\' + bytes([b]): bytes([b]) for b in range(256)})
+_UNITS.update({b'\\' + oct(n)[2:].zfill(k).encode(): bytes([n & 255])
+               for n in range(512) for k in (1, 2, 3)
+               if len(oct(n)) - 2 <= k})  # \ooo, and the escapes below
+_UNITS.update({b'\\n': b'\n', b'\\r': b'\r', b'\\t': b'\t', b'\\b': b'\b',
+               b'\\f': b'\f', b'\\\n': b'', b'\\\r\n': b''})
+
+
+def string_bytes(token):
+    "The bytes of a PDF string token, `(literal)` or `<hex>`."
+    if token.startswith(b'<'):
+        digits = re.sub(rb'\s', b'', token[1:-1])
+        return bytes.fromhex((digits + b'0' * (len(digits) % 2)).decode())
+    return b''.join(map(_UNITS.__getitem__, _UNIT.findall(token[1:-1])))
+
+
+_ZERO = rb"(?:\\(?:000|00(?![0-7])|0(?![0-7]))|\x00)"  # a zero byte
+_TWO_ZEROS = re.compile(_ZERO + rb"(?:\\\r?\n)*" + _ZERO)
+_STRINGS = re.compile(_STR, re.S)
+_ZEROS_AT = re.compile(b'(?=\0\0)')
+
+
+def shows_glyph_zero(shown):
+    "Whether a TJ/Tj operand shows glyph 0 (two-byte glyph ids)."
+    if b'<' not in shown and not _TWO_ZEROS.search(shown):
+        return False  # no two zero bytes in a row: the common, quick case
+    return any(m.start() % 2 == 0 for token in _STRINGS.findall(shown)
+               for m in _ZEROS_AT.finditer(string_bytes(token)))
+
+
 def pages_without_glyphs(pdf):
-    "Pages of `pdf` that show a missing glyph (glyph 0, a box)."
+    """Pages of `pdf` that show a missing glyph (glyph 0, a box): a pair of
+    zero bytes in a string shown in a font with two-byte glyph ids
+    (Identity-H, as Typst writes every outline font)."""
     from pypdf import PdfReader
-    from pypdf.generic import ContentStream
     reader, bad = PdfReader(pdf), []
     for n, page in enumerate(reader.pages, 1):
         fonts = page.get('/Resources', {}).get('/Font', {})
+        two_byte = {name: fonts[name].get_object().get('/Encoding') ==
+                    '/Identity-H' for name in fonts}
         font = None
-        for args, op in ContentStream(page.get_contents(), reader).operations:
-            if op == b'Tf':
-                font = fonts[args[0]].get_object()
-            elif op in (b'Tj', b'TJ') and font is not None and \
-                    font.get('/Encoding') == '/Identity-H':
-                items = args[0] if op == b'TJ' else [args[0]]
-                for it in items:
-                    b = getattr(it, 'original_bytes', None)
-                    if b and any(b[i:i + 2] == b'\0\0'
-                                 for i in range(0, len(b) - 1, 2)):
-                        bad.append(n)
-    return sorted(set(bad))
+        for m in CONTENT.finditer(page.get_contents().get_data()):
+            if m['font']:
+                font = '/' + m['font'].decode()
+            elif m['shown'] and two_byte.get(font) and \
+                    shows_glyph_zero(m['shown']):
+                bad.append(n)
+                break
+    return bad
 
 
 def render_quarto(book, work):
@@ -667,7 +708,8 @@ def build_pdf(root=ROOT, publish=False, quarto=None, log=print, only=None,
         f'{"quarto" if use_quarto else "pandoc + typst"}')
     pdf = render_quarto(book, work) if use_quarto else \
         render_pandoc(book, nbs, work)
-    stamp_digest(pdf, digest)
+    if use_quarto:  # pandoc's template writes it (keywords)
+        stamp_digest(pdf, digest)
     out = Path(out) if out else book['out_dir'] / book['out_name']
     replace_atomic(pdf, out)
     log(f'wrote {rel(out, root)}')

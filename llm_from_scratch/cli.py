@@ -336,7 +336,8 @@ def _finetune_options():
                FINETUNE.items()},
             'out': ('runs/chat', 'the run folder, with the packed chats'),
             'data': (None, 'chats packed by an earlier finetune'),
-            'init_from': (None, 'the trained model to start from'),
+            'init_from': (None, 'the model to start from: a run, a '
+                                'checkpoint or a Hugging Face folder'),
             'block_size': (128, 'context of the packed rows')}
 
 
@@ -380,16 +381,14 @@ def _base_tokenizer(init_from):
     path = Path(init_from)
     path = latest_checkpoint(path) or path if (
         path / 'checkpoints').is_dir() else path
-    if not (path / 'tokenizer.json').is_file() or \
-            (path / 'config.json').exists():
-        raise FileNotFoundError(f'{init_from}: no tokenizer of this '
-                                f'package beside the model; pass '
-                                f'--tokenizer FILE')
+    if not (path / 'tokenizer.json').is_file():  # ours, or Hugging Face's
+        raise FileNotFoundError(f'{init_from}: no tokenizer.json beside '
+                                f'the model; pass --tokenizer FILE')
     return path / 'tokenizer.json'
 
 # %% ../nbs/90_cli.ipynb #3b94a552
 def chat_command(
-    checkpoint: str = 'runs/chat',  # a fine-tuned run or checkpoint
+    checkpoint: str = 'runs/chat',  # a fine-tuned run, checkpoint or export
     system: str = None,  # a system message that starts each conversation
     max_new_tokens: int = 128,  # the longest reply, in tokens
     temperature: float = 0.7,  # 0 or less: greedy, always the likeliest
@@ -402,7 +401,7 @@ def chat_command(
     "Talk to a fine-tuned model: one line per message."
     from llm_from_scratch.generation import load_for_generation
     model, tok = load_for_generation(checkpoint, device=device)
-    _check_chat_model(tok, checkpoint)
+    tok = _chat_tokenizer(tok, checkpoint)
     start = [dict(role='system', content=system)] if system else []
     history = list(start)
     if not quiet:
@@ -421,13 +420,22 @@ def chat_command(
 
 # %% ../nbs/90_cli.ipynb #f5b8a281
 #| echo: false
-def _check_chat_model(tok, checkpoint):
+def _chat_tokenizer(tok, checkpoint):
+    "`tok` as our `Tokenizer` with the role tokens, or an error."
     from llm_from_scratch.finetuning import CHAT_TOKENS
+    from llm_from_scratch.tokenizer import Tokenizer
+    path = Path(checkpoint) / 'tokenizer.json'
+    if not hasattr(tok, 'encode_ordinary') and path.is_file():
+        try:  # a model exported to Hugging Face's format
+            tok = Tokenizer.load(path)
+        except ValueError:
+            pass  # a tokenizer that only Hugging Face's library reads
     if not hasattr(tok, 'encode_ordinary') or \
             not set(CHAT_TOKENS) <= set(tok.special_tokens):
         raise ValueError(f'{checkpoint} is not a chat model of this '
                          f'package (its tokenizer has no role tokens): '
                          f'fine-tune it with llm-from-scratch finetune')
+    return tok
 
 
 def _lines(prompt):

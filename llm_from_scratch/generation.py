@@ -115,6 +115,14 @@ def _check_context(L, max_new_tokens, block_size):
             f"generate fewer tokens, or keep only the prompt's last "
             f'tokens (truncate=True, --truncate)')
 
+
+def _check_generates(config):
+    "Refuse a classifier (chapter 8): its head scores classes, not tokens."
+    if config.n_classes:
+        raise ValueError(f'this model is a classifier ({config.n_classes} '
+                         f'classes): it scores classes, not next tokens, so '
+                         f'it cannot generate; use classify (chapter 8)')
+
 # %% ../nbs/07_inference.ipynb #cbe60b2f
 @contextmanager
 def eval_mode(model):
@@ -135,6 +143,7 @@ def generate_tokens(model, prompts, max_new_tokens=50, temperature=1.0,
     check_max_new_tokens(max_new_tokens)
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     c = model.config
+    _check_generates(c)
     device = next(model.parameters()).device
     idx, mask, pos = left_pad(prompts, pad_id, device)
     B, L = idx.shape

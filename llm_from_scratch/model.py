@@ -40,6 +40,7 @@ class ModelConfig:
     bias: bool = True           # biases in linear layers and norms
     tie_weights: bool = True    # lm_head shares the token embedding
     dropout: float = 0.0
+    n_classes: int = 0          # > 0: lm_head scores classes (ch. 8)
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -84,6 +85,19 @@ def _check_config(c):
                          f'is {c.head_dim}')
     if not 0 <= c.dropout < 1:
         raise ValueError(f'dropout must be in [0, 1), not {c.dropout}')
+    _check_classes(c)
+
+
+def _check_classes(c):
+    "A classifier (chapter 8) has two classes or more and its own head."
+    if not isinstance(c.n_classes, int) or c.n_classes < 0 or \
+            c.n_classes == 1:
+        raise ValueError(f'n_classes must be 0 (a language model) or at '
+                         f'least 2 (a classifier), not {c.n_classes!r}')
+    if c.n_classes and c.tie_weights:
+        raise ValueError(f'n_classes={c.n_classes} needs tie_weights=False'
+                         f': a head of {c.n_classes} rows cannot share the '
+                         f'token embedding of {c.vocab_size}')
 
 # %% ../nbs/04_model.ipynb #1e53db92
 _LLAMA = dict(mlp='swiglu', norm='rmsnorm', pos='rope', bias=False)
@@ -189,7 +203,8 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.norm_f = make_norm(c)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.n_embd, c.n_classes or c.vocab_size,
+                                 bias=False)  # classes: chapter 8
         if c.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
         if c.pos == 'rope':
@@ -411,6 +426,10 @@ def _check_kind(c, kind):
     if kind not in _KINDS:
         raise ValueError(f'kind must be one of {tuple(_KINDS)}, not '
                          f'{kind!r}')
+    if c.n_classes:
+        raise ValueError(f"Hugging Face's {kind} language model has no "
+                         f"place for a classifier's head (n_classes="
+                         f"{c.n_classes}): keep this package's format")
     for name, value in _KINDS[kind].items():
         if getattr(c, name) != value:
             raise ValueError(f'the {kind} layout cannot express '

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['GPT2_PATTERN', 'GPT4_PATTERN', 'MAX_TOKEN_BYTES', 'MAX_VOCAB_BYTES', 'SPECIAL_TOKENS', 'FORMAT', 'FORMAT_VERSION',
-           'KNOWN_PATTERNS', 'corpus_files', 'load_corpus', 'get_stats', 'merge', 'best_pair', 'train_naive',
-           'train_fast', 'bpe', 'merges_to_ranks', 'Tokenizer', 'bytes_to_unicode', 'plot_tokens']
+           'LLAMA3_PATTERN', 'KNOWN_PATTERNS', 'corpus_files', 'load_corpus', 'get_stats', 'merge', 'best_pair',
+           'train_naive', 'train_fast', 'bpe', 'merges_to_ranks', 'Tokenizer', 'bytes_to_unicode', 'plot_tokens']
 
 # %% ../nbs/01_tokenizer.ipynb #e5dabdbe
 #| echo: false
@@ -426,23 +426,44 @@ def save(self: Tokenizer, path):
     os.replace(tmp, path)
 
 # %% ../nbs/01_tokenizer.ipynb #c1ee0194
-KNOWN_PATTERNS = (GPT2_PATTERN, GPT4_PATTERN)
+# Llama 3's split (its tokenizer.json): GPT-4's, without possessive
+# quantifiers, and a run of newlines kept together
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+"
+                  r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                  r"|\s+(?!\S)|\s+")
+KNOWN_PATTERNS = (GPT2_PATTERN, GPT4_PATTERN, LLAMA3_PATTERN)
 
 
 @patch(cls_method=True)
 def load(cls: Tokenizer, path, trusted=False):
     "Read a tokenizer written by `Tokenizer.save`; see `KNOWN_PATTERNS`."
     path = Path(path)
+    if _is_hf_file(path):  # Hugging Face's format: `from_hf`, below
+        return cls.from_hf(path, trusted)
     d = _read_json(path)  # a dict in our format and version, or an error
-    if not trusted and d.get('pattern') not in KNOWN_PATTERNS:
-        raise ValueError(
-            f'{path} has a split pattern this package does not know, and '
-            f'some regular expressions take exponential time on some '
-            f'texts: load it with trusted=True if you trust the file')
+    _check_pattern(d.get('pattern'), path, trusted)
     with _reported_as_damaged(path):
         merges = _merges_from_json(d['merges'])
         ranks = merges_to_ranks(merges, d['byte_tokens'])
         return cls(ranks, d['pattern'], d['special_tokens'], d['name'])
+
+
+def _check_pattern(pattern, path, trusted):
+    "Refuse a split pattern we do not know unless the file is trusted."
+    if not trusted and pattern not in KNOWN_PATTERNS:
+        raise ValueError(
+            f'{path} has a split pattern this package does not know, and '
+            f'some regular expressions take exponential time on some '
+            f'texts: load it with trusted=True if you trust the file')
+
+
+def _is_hf_file(path):
+    "Whether `path` holds a Hugging Face `tokenizer.json` (not ours)."
+    try:
+        d = json.loads(Path(path).read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # `_read_json` says what is wrong
+    return isinstance(d, dict) and 'model' in d and 'format' not in d
 
 # %% ../nbs/01_tokenizer.ipynb #4b2b843c
 #| echo: false
@@ -577,6 +598,69 @@ def save_hf(self: Tokenizer, path):
     tmp.write_text(json.dumps(self.to_hf(), ensure_ascii=False),
                    encoding='utf-8')
     os.replace(tmp, path)
+
+# %% ../nbs/01_tokenizer.ipynb #fb0d701d
+#| echo: false
+def _hf_pattern(pre, path):
+    "The split pattern of a byte-level `pre_tokenizer`, or an error."
+    steps = pre.get('pretokenizers', []) if pre and \
+        pre.get('type') == 'Sequence' else [pre or {}]
+    kinds = [s.get('type') for s in steps]
+    if kinds == ['ByteLevel'] and steps[0].get('use_regex', True):
+        pattern = GPT2_PATTERN  # GPT-2's split, built into ByteLevel
+    elif kinds == ['Split', 'ByteLevel'] and \
+            steps[0].get('behavior') == 'Isolated' and \
+            not steps[1].get('use_regex', True):
+        pattern = steps[0]['pattern']['Regex']  # Llama 3's way
+    else:
+        raise ValueError(f'{path}: pre_tokenizer {kinds} is not a '
+                         f'byte-level BPE split this package reads (it '
+                         f"reads GPT-2's and Llama 3's kind)")
+    if steps[-1].get('add_prefix_space'):
+        raise ValueError(f'{path}: add_prefix_space is set; this package '
+                         f'encodes text without a space added in front')
+    return pattern
+
+# %% ../nbs/01_tokenizer.ipynb #1e727ff5
+def _ranks_in_merge_order(ranks, merges, path):
+    "Raise unless each merge makes a token ranked after earlier merges'."
+    last = max(ranks[bytes([b])] for b in range(256))
+    for k, (a, b) in enumerate(merges):
+        i = ranks.get(a + b)
+        if i is None or i <= last:
+            raise ValueError(f'{path}: merge {k} ({a!r}, {b!r}) does not '
+                             f'follow the token ids, so ranking by id would '
+                             f'encode differently; not supported')
+        last = i
+
+# %% ../nbs/01_tokenizer.ipynb #f57bb795
+@patch(cls_method=True)
+def from_hf(cls: Tokenizer, path, trusted=False):
+    "A `Tokenizer` from a Hugging Face byte-level BPE `tokenizer.json`."
+    path = Path(path)
+    d = json.loads(path.read_text(encoding='utf-8'))
+    model = d.get('model') or {}
+    if model.get('type') != 'BPE' or d.get('normalizer') or \
+            model.get('byte_fallback'):
+        raise ValueError(f'{path}: not a byte-level BPE tokenizer without '
+                         f'normalizer (as GPT-2 and Llama 3 have)')
+    pattern = _hf_pattern(d.get('pre_tokenizer'), path)
+    _check_pattern(pattern, path, trusted)
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+
+    def as_bytes(t):  # a token's string back to its bytes
+        return bytes(to_byte[c] for c in t)
+    specials = {t['content']: t['id'] for t in d.get('added_tokens', [])
+                if t.get('special')}
+    with _reported_as_damaged(path):
+        ranks = {as_bytes(t): i for t, i in model['vocab'].items()
+                 if t not in specials}
+        merges = [(as_bytes(a), as_bytes(b)) for a, b in (
+            m.split(' ') if isinstance(m, str) else m
+            for m in model['merges'])]
+    _ranks_in_merge_order(ranks, merges, path)
+    with _reported_as_damaged(path):
+        return cls(ranks, pattern, specials, path.parent.name or path.stem)
 
 # %% ../nbs/01_tokenizer.ipynb #9b04763b
 def plot_tokens(tok, text, width=64):

@@ -370,7 +370,10 @@ def _with_adapters(model, lora):
     if lora is None:
         return model
     from llm_from_scratch.lora import add_lora  # a later chapter
-    return add_lora(model, *lora)
+    model = add_lora(model, *lora)
+    if model.config.n_classes:  # a class head is new: it learns in full
+        model.lm_head.weight.requires_grad_(True)
+    return model
 
 
 def _merged(model, lora):
@@ -692,7 +695,7 @@ def make_loader(c, split, mode, world_size=1, rank=0):
     "This rank's loader of `split` of `c.data`, its shards verified."
     meta, shards = load_split(c.data, split, verify=True)
     b = c.batch_size // world_size  # this rank's share of each batch
-    if meta.get('kind') == 'chat':  # whole conversations: chapter 8
+    if meta.get('kind') in ('chat', 'classes'):  # whole rows: chapter 8
         from llm_from_scratch.finetuning import ChatLoader
         return ChatLoader(c.data, split, b, c.block_size, mode, c.seed,
                           rank, world_size)
@@ -707,6 +710,7 @@ def initial_model(c, vocab_size):
                            block_size=c.block_size, dropout=c.dropout))
     else:
         model = _pretrained(c, vocab_size)
+    model = _headed(c, model)  # labelled passages: a class head (ch. 8)
     lora = (c.lora_rank, c.lora_alpha, c.lora_targets, c.lora_dropout)
     return _with_adapters(model, lora if c.lora_rank else None)
 
@@ -719,6 +723,21 @@ def make_optimizer(c, model):
         lr_schedule, warmup_steps=warmup_steps(c), max_steps=c.max_steps,
         min_lr_ratio=c.min_lr_ratio))
     return opt, sched
+
+# %% ../nbs/05_training.ipynb #c1a5d001
+#| echo: false
+def _headed(c, model):
+    "`model`, with a class head if `c.data` holds labelled passages (ch. 8)."
+    classes = load_split(c.data, 'train')[0].get('classes')
+    n = model.config.n_classes
+    if not classes and n:
+        raise ValueError(f'init_from {c.init_from} is a classifier '
+                         f'(n_classes={n}): train it on labelled passages, '
+                         f'not on {c.data}')
+    if not classes or n == len(classes):
+        return model
+    from llm_from_scratch.finetuning import as_classifier  # a later chapter
+    return as_classifier(model, len(classes))
 
 # %% ../nbs/05_training.ipynb #62aac8b5
 #| echo: false
@@ -900,6 +919,8 @@ def _write_sample(run_dir, step, text):
 
 def _sample(acc, model, tok, c, step):
     "Every process samples (sharded weights need all); the main one writes."
+    if model.config.n_classes:  # a classifier writes no text (chapter 8)
+        return
     text = sample(model, tok, c.sample_prompt)
     if acc.is_main_process:
         _write_sample(Path(c.out), step, text)

@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 from llm_from_scratch import cli
 from llm_from_scratch.data import load_split, prepare_data, shakespeare
@@ -360,3 +361,45 @@ def test_exported_chat_model_talks_in_transformers(chat_run, tmp_path):
     ours = replies(*load_for_generation(chat_run), [talk],
                    max_new_tokens=6)[0]
     assert tok.eos_token == '<|end|>' and theirs == ours
+    said = [run('chat', '--checkpoint', where, '--seed', 0,
+                '--max_new_tokens', 6, input='What is 3 plus 1?\n').stdout
+            for where in (chat_run, out)]  # the run, and its export
+    assert said[0].count('assistant> ') == 1 and said[0] == said[1]
+
+
+@pytest.mark.parametrize('kind', ['gpt2', 'llama'])
+def test_finetune_a_model_from_hugging_face(chats, tmp_path, kind):
+    "A model and tokenizer only in Hugging Face's formats, as from the Hub."
+    transformers = pytest.importorskip('transformers')
+    from tokenizers import Regex, Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    from llm_from_scratch.tokenizer import LLAMA3_PATTERN, load_corpus
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) \
+        if kind == 'gpt2' else pre_tokenizers.Sequence([  # as Llama 3's
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), 'isolated'),
+            pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                     use_regex=False)])
+    hf.train_from_iterator([load_corpus()[:200_000]], trainers.BpeTrainer(
+        vocab_size=400, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.add_special_tokens(['<|endoftext|>'])
+    size = dict(vocab_size=401, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64)
+    config = transformers.GPT2Config(**size) if kind == 'gpt2' else \
+        transformers.LlamaConfig(**size, intermediate_size=64,
+                                 num_key_value_heads=1)
+    torch.manual_seed(0)
+    base = tmp_path / 'base'
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(
+        base)
+    hf.save(str(base / 'tokenizer.json'))
+    out = tmp_path / 'chat'
+    r = run('finetune', '--init_from', base, '--chats', chats, '--out', out,
+            '--max_steps', 4, *CHAT_SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = [row['val_loss'] for row in read_log(out) if row['val_loss']]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    r = run('chat', '--checkpoint', out, '--max_new_tokens', 3,
+            input='What is 2 plus 1?\n')
+    assert r.returncode == 0 and r.stdout.count('assistant> ') == 1

@@ -179,7 +179,7 @@ def test_prepare_chat_writes_a_verified_folder_and_refuses_others(
     with pytest.raises(FileExistsError, match='not empty'):
         prepare_chat({'train': [CHATS[1]]}, base, other, block_size=32)
     assert (other / 'notes.txt').read_text() == 'keep me'
-    with pytest.raises(ValueError, match='packed for block_size 32'):
+    with pytest.raises(ValueError, match='holds rows for block_size 32'):
         ChatLoader(out, 'train', 2, 64)
 
 
@@ -272,3 +272,182 @@ def test_finetune_resume_is_exact(base_run):
     a = model_from_checkpoint(latest_checkpoint(w / 'full')).state_dict()
     b = model_from_checkpoint(latest_checkpoint(w / 'cut')).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# Classification: a head on the last token, trained by chapter 5's loop.
+
+from llm_from_scratch.distributed import export_checkpoint  # noqa: E402
+from llm_from_scratch.finetuning import (  # noqa: E402
+    as_classifier, class_rows, classify, naive_bayes, nb_classify,
+    play_passages, prepare_classes)
+from llm_from_scratch.model import ModelConfig, to_hf  # noqa: E402
+from llm_from_scratch.training import (  # noqa: E402
+    initial_model, make_optimizer, save_checkpoint)
+
+LAND = 'king queen lord crown throne court castle'.split()
+SEA = 'ship wave storm sail shore tide anchor'.split()
+
+
+def toy_passages(n, seed):
+    "Texts of land words or of sea words: a labelling any model can learn."
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label, words = rng.choice([('land', LAND), ('sea', SEA)])
+        out.append((' '.join(rng.choice(words)
+                             for _ in range(rng.randint(3, 9))), label))
+    return out
+
+
+@pytest.fixture(scope='module')
+def toy_run(base_run):
+    "A classes folder of the toy labelling and a classifier trained on it."
+    w, _ = base_run
+    splits = dict(train=toy_passages(300, 0), val=toy_passages(40, 1))
+    meta = prepare_classes(splits, w / 'data', w / 'toy', block_size=32)
+    c = finetune_config(w / 'toy', w / 'base', w / 'clf', max_steps=40,
+                        batch_size=16, lr=3e-3, eval_every=40,
+                        eval_batches=2)
+    log = train(c, progress=False)
+    return w, meta, log
+
+
+def test_class_folder_rows_hold_one_target_at_the_last_token(toy_run):
+    w, meta, _ = toy_run
+    assert meta['kind'] == 'classes' and meta['classes'] == ['land', 'sea']
+    tok = load_tokenizer(w / 'toy')
+    assert tok.vocab_size == load_tokenizer(w / 'data').vocab_size
+    verify_data(w / 'toy')
+    x, y = ChatLoader(w / 'toy', 'train', 8, 32, 'sequential').batch(0)
+    for xs, ys in zip(x, y):
+        (t,) = (ys != -1).nonzero()[0].tolist()
+        text = tok.decode(xs[:t + 1].tolist())
+        assert all(w in LAND + SEA for w in text.split())
+        assert ys[t] == (0 if text.split()[0] in LAND else 1)
+
+
+def test_classifier_loss_has_gradient_only_at_the_last_token(toy_run):
+    w, _, _ = toy_run
+    x, y = ChatLoader(w / 'toy', 'train', 8, 32).batch(0)
+    torch.manual_seed(0)
+    model = GPT(preset('tiny', vocab_size=400, block_size=32,
+                       n_layer=2))
+    clf = as_classifier(model, 2)
+    assert not clf.config.tie_weights and clf.lm_head.weight.shape == (2,
+                                                                       128)
+    assert torch.equal(clf.tok_emb.weight, model.tok_emb.weight)
+    logits, loss = clf(x, y)
+    assert logits.shape == (8, 32, 2)
+    assert abs(loss.item() - np.log(2)) < 1e-6  # a head of zeros
+    logits.retain_grad()
+    loss.backward()
+    moved = logits.grad.abs().sum(-1) > 0
+    assert torch.equal(moved, y != -1)
+    assert moved.sum(1).tolist() == [1] * 8
+
+
+def test_classifier_learns_a_separable_labelling(toy_run):
+    w, _, log = toy_run
+    assert log[-1]['val_loss'] < 0.3
+    clf = model_from_checkpoint(latest_checkpoint(w / 'clf'))
+    assert clf.config.n_classes == 2
+    test = toy_passages(60, 2)
+    tok = load_tokenizer(w / 'toy')
+    predicted = classify(clf, tok, [t for t, _ in test])
+    right = sum(['land', 'sea'][p] == label
+                for p, (_, label) in zip(predicted, test))
+    assert right / len(test) >= 0.9
+    alone = [classify(clf, tok, [t])[0] for t, _ in test[:10]]
+    assert alone == predicted[:10]  # right padding changes nothing
+    assert not (w / 'clf' / 'samples.txt').exists()  # no text sampled
+
+
+def test_classifier_checkpoint_round_trips(toy_run, tmp_path):
+    w, _, _ = toy_run
+    torch.manual_seed(0)
+    clf = as_classifier(model_from_checkpoint(latest_checkpoint(
+        w / 'base')), 3)
+    torch.nn.init.normal_(clf.lm_head.weight)
+    opt, sched = make_optimizer(TrainConfig(max_steps=10), clf)
+    loader = ChatLoader(w / 'toy', 'train', 2, 32)
+    save_checkpoint(tmp_path / 'run', 1, clf, opt, sched, loader)
+    back = model_from_checkpoint(latest_checkpoint(tmp_path / 'run'))
+    assert back.config == clf.config and back.config.n_classes == 3
+    x = torch.randint(0, 400, (2, 20))
+    assert torch.equal(back(x)[0], clf(x)[0])
+
+
+def test_bad_classification_input_is_refused(toy_run, tmp_path):
+    w, _, _ = toy_run
+    good = toy_passages(10, 3)
+    with pytest.raises(ValueError, match=r"val passage 2: label 'air' is "
+                                         r"not one of the 2 classes"):
+        prepare_classes(dict(train=good, val=[good[0], ('x', 'air')]),
+                        w / 'data', tmp_path / 'a')
+    with pytest.raises(ValueError, match='classes must be two or more'):
+        prepare_classes(dict(train=[(t, 'land') for t, _ in good]),
+                        w / 'data', tmp_path / 'b')
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+    with pytest.raises(ValueError, match='n_classes must be 0'):
+        ModelConfig(n_classes=1, tie_weights=False)
+    with pytest.raises(ValueError, match='needs tie_weights=False'):
+        ModelConfig(n_classes=3)
+    with pytest.raises(ValueError, match='n_classes must be 0'):
+        as_classifier(GPT(preset('tiny', n_layer=1)), 1)
+    with pytest.raises(ValueError, match='holds rows for block_size 32'):
+        ChatLoader(w / 'toy', 'train', 2, 64)
+    lm = model_from_checkpoint(latest_checkpoint(w / 'base'))
+    with pytest.raises(ValueError, match='classify needs a classifier'):
+        classify(lm, load_tokenizer(w / 'data'), ['king'])
+    # a classifier given a folder of another kind: text, not passages
+    with pytest.raises(ValueError, match='is a classifier .n_classes=2.: '
+                                         'train it on labelled passages'):
+        train(TrainConfig(data=str(w / 'data'), init_from=str(w / 'clf'),
+                          out=str(tmp_path / 'r'), block_size=32,
+                          max_steps=1), progress=False)
+
+
+def test_a_classifier_is_not_exported_to_hugging_face(toy_run, tmp_path):
+    w, _, _ = toy_run
+    with pytest.raises(ValueError, match="no place for a classifier's head"):
+        export_checkpoint(w / 'clf', tmp_path / 'hf', format='hf')
+    assert not (tmp_path / 'hf').exists()
+    clf = model_from_checkpoint(latest_checkpoint(w / 'clf'))
+    with pytest.raises(ValueError, match='n_classes=2'):
+        to_hf(clf, 'gpt2')
+    export_checkpoint(w / 'clf', tmp_path / 'ours')  # our format keeps it
+    assert (tmp_path / 'ours' / 'model.safetensors').exists()
+
+
+def test_lora_on_a_classifier_trains_the_new_head(toy_run):
+    w, _, _ = toy_run
+    c = finetune_config(w / 'toy', w / 'base', w / 'unused', lora_rank=4)
+    model = initial_model(c, load_tokenizer(w / 'toy').vocab_size)
+    assert model.config.n_classes == 2
+    assert model.lm_head.weight.requires_grad
+    assert not model.tok_emb.weight.requires_grad
+
+
+def test_naive_bayes_counts_and_the_play_passages():
+    ids = [[0, 0, 1], [2, 2], [0, 1, 1]]
+    log_prior, log_p = naive_bayes(ids, [0, 1, 0], 2, 3)
+    assert torch.allclose(log_prior.exp(), torch.tensor([2 / 3, 1 / 3]))
+    # class 0 saw tokens 0,0,1,0,1,1 -> counts 3, 3, 0 (+1 each) of 9
+    assert torch.allclose(log_p[0].exp(), torch.tensor([4, 4, 1]) / 9)
+    assert nb_classify((log_prior, log_p), [[2], [0, 1]]) == [1, 0]
+    passages = play_passages()
+    texts = {s: {t for t, _ in p} for s, p in passages.items()}
+    assert not texts['train'] & texts['test']
+    suite = task_suite(n=(0, 0, 20), tasks=('play',))
+    asked = [r['messages'][0]['content'].split('\n\n', 1)[1]
+             for r in suite['test']]
+    assert all(q in texts['test'] for q in asked)  # the same scenes
+
+
+def test_class_rows_leave_out_long_passages_and_count_them(tok):
+    rows, masks, dropped = class_rows(
+        tok, [('a b', 'x'), ('word ' * 50, 'y'), ('', 'x')], ['x', 'y'], 8)
+    assert dropped == 2 and rows.shape == masks.shape == (1, 9)
+    n = len(tok.encode_ordinary('a b'))
+    assert rows[0, n] == 0 and masks[0].tolist().index(1) == n

@@ -432,3 +432,11 @@ def test_hugging_face_folder_without_tokenizer(run, tmp_path):
                                      run / 'data' / 'tokenizer.json',
                                      dtype='fp32')
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_a_classifier_does_not_generate():
+    "A model whose head scores classes (chapter 8) refuses to generate."
+    model = GPT(preset('tiny', vocab_size=64, block_size=16, n_classes=3,
+                       tie_weights=False))
+    with pytest.raises(ValueError, match='classifier .3 classes.'):
+        generate(model, [[1, 2, 3]], max_new_tokens=2)

@@ -46,10 +46,12 @@ def venv(tmp_path_factory):
     # all: pip picks the newest release of every other requirement
     torch_pin = re.search(r'^torch==\S+', (ROOT / 'requirements-dev.txt')
                           .read_text(), re.M).group(0)
+    # (--no-compile: the same files, without byte-compiling torch's
+    # thousands of modules, which only saves time at their first import)
     index = os.environ.get('TORCH_INDEX')
-    run(py, '-m', 'pip', 'install', '--quiet', torch_pin,
-        *(['--extra-index-url', index] if index else []))
-    run(py, '-m', 'pip', 'install', '--quiet', wheel)
+    pip = [py, '-m', 'pip', 'install', '--quiet', '--no-compile']
+    run(*pip, torch_pin, *(['--extra-index-url', index] if index else []))
+    run(*pip, wheel)
     return venv, wheel
 
 

@@ -328,3 +328,83 @@ def test_unknown_split_pattern_needs_trust(little, tmp_path):
     bad = edited(little, tmp_path / 'bad.json', pattern='(unclosed')
     with pytest.raises(ValueError, match=r'bad.json is damaged'):
         Tokenizer.load(bad, trusted=True)
+
+
+# -- Hugging Face tokenizer.json files we did not write ----------------------
+
+def hf_trained(corpus, pre_tokenizer, vocab_size=700):
+    "A byte-level BPE trained by `tokenizers` itself, end-of-text last."
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizer
+    hf.train_from_iterator([corpus[:400_000]], trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.add_special_tokens(['<|endoftext|>'])
+    return hf
+
+
+def llama3_style():
+    "Llama 3's layout: a Split with a pattern, then a ByteLevel."
+    from tokenizers import Regex, pre_tokenizers
+    from llm_from_scratch.tokenizer import LLAMA3_PATTERN
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), 'isolated'),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+@pytest.mark.parametrize('kind', ['gpt2', 'llama3'])
+def test_reads_files_that_tokenizers_wrote(corpus, tmp_path, kind):
+    "Same ids as `tokenizers` on text it did not train on, specials too."
+    from tokenizers import pre_tokenizers
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False) \
+        if kind == 'gpt2' else llama3_style()
+    hf = hf_trained(corpus, pre)
+    path = tmp_path / 'tokenizer.json'
+    hf.save(str(path))
+    if kind == 'gpt2':  # GPT-2's file also lists <|endoftext|> as a token
+        d = json.loads(path.read_text())
+        d['model']['vocab']['<|endoftext|>'] = 700
+        path.write_text(json.dumps(d))
+    ours = Tokenizer.load(path)
+    assert ours.vocab_size == 701
+    assert ours.special_tokens == {'<|endoftext|>': 700}
+    text = corpus[-100_000:] + '<|endoftext|>' + 'héllo 😀 12345\r\n'
+    ids = ours.encode(text, allowed_special='all')
+    assert ids == hf.encode(text).ids
+    assert ours.decode(ids) == text
+
+
+def test_foreign_files_we_cannot_read_exactly_are_refused(corpus, tmp_path):
+    from tokenizers import pre_tokenizers
+    hf = hf_trained(corpus, pre_tokenizers.ByteLevel(add_prefix_space=False),
+                    vocab_size=300)
+    good = json.loads(hf.to_str())
+
+    def refused(change, words):
+        d = json.loads(json.dumps(good))
+        change(d)
+        path = tmp_path / 'tokenizer.json'
+        path.write_text(json.dumps(d))
+        with pytest.raises(ValueError) as e:
+            Tokenizer.load(path)
+        assert str(path) in str(e.value)
+        assert all(w in str(e.value) for w in words), e.value
+
+    def swap_first_merges(d):
+        m = d['model']['merges']
+        m[0], m[1] = m[1], m[0]
+    refused(swap_first_merges, ['merge 1', 'not supported'])
+    refused(lambda d: d['pre_tokenizer'].update(add_prefix_space=True),
+            ['add_prefix_space'])
+    refused(lambda d: d['model'].update(type='WordPiece'), ['byte-level'])
+    refused(lambda d: d.update(pre_tokenizer={'type': 'Whitespace'}),
+            ["['Whitespace']"])
+    refused(lambda d: d.update(pre_tokenizer={
+        'type': 'Sequence', 'pretokenizers': [
+            {'type': 'Split', 'pattern': {'Regex': r'\w+|\W'},
+             'behavior': 'Isolated', 'invert': False},
+            {'type': 'ByteLevel', 'add_prefix_space': False,
+             'trim_offsets': True, 'use_regex': False}]}),
+        ['trusted=True'])
