@@ -32,6 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import regex
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -576,12 +577,28 @@ def render_pandoc(book, nbs, work):
 
 # what the glyph check reads in a page's content stream: `/font size Tf`,
 # text shown with TJ (an array of strings) or Tj, and any other string (so
-# that the scan never starts inside one)
-_STR = rb"\((?:\\.|[^\\)])*\)|<[0-9A-Fa-f\s]*>"
-CONTENT = re.compile(
-    rb"/(?P<font>[^\s/\[\]()<>{}%]+)\s+[-+.\d]+\s+Tf"
-    rb"|(?P<shown>\[(?:" + _STR + rb"|[^\]()<])*\]\s*TJ|(?:" + _STR +
-    rb")\s*Tj)|" + _STR, re.S)
+# that the scan never starts inside one). A literal string may hold
+# balanced parentheses unescaped: the quick pattern allows them six deep,
+# the exact one (recursive, ten times slower) to any depth.
+
+
+def _content_pattern(literal, define=b''):
+    string = rb"(?:" + literal + rb"|<[0-9A-Fa-f\s]*>)"
+    return regex.compile(
+        define + rb"/(?P<font>[^\s/\[\]()<>{}%]+)\s+[-+.\d]+\s+Tf"
+        rb"|(?P<shown>\[(?:" + string + rb"|[^\]()<])*\]\s*TJ|" + string +
+        rb"\s*Tj)|" + string, regex.S)
+
+
+_NESTED = rb"[^\\()]"
+for _ in range(6):
+    _NESTED = rb"\((?:\\.|[^\\()]|" + _NESTED + rb")*\)"
+_LITERAL = rb"(?(DEFINE)(?P<lit>\((?:\\.|[^\\()]|(?&lit))*\)))"
+CONTENT = _content_pattern(_NESTED)
+CONTENT_EXACT = _content_pattern(rb"(?&lit)", _LITERAL)
+# where text is shown: a TJ or Tj after its operand (and, rarely, the same
+# bytes inside a string); fewer matches of `shown` mean deeper parentheses
+_SHOW_OPS = regex.compile(rb"[\])>]\s*T[Jj]\b")
 _UNIT = re.compile(rb"\\[0-7]{1,3}|\\\r?\n|\\.|[^\\]", re.S)
 _UNITS = {bytes([b]): bytes([b]) for b in range(256)}  # a byte as itself,
 _UNITS.update({b'\\' + bytes([b]): bytes([b]) for b in range(256)})
@@ -589,7 +606,8 @@ _UNITS.update({b'\\' + oct(n)[2:].zfill(k).encode(): bytes([n & 255])
                for n in range(512) for k in (1, 2, 3)
                if len(oct(n)) - 2 <= k})  # \ooo, and the escapes below
 _UNITS.update({b'\\n': b'\n', b'\\r': b'\r', b'\\t': b'\t', b'\\b': b'\b',
-               b'\\f': b'\f', b'\\\n': b'', b'\\\r\n': b''})
+               b'\\f': b'\f', b'\\\n': b'', b'\\\r\n': b'',
+               b'\\\r': b''})  # a backslash at a line's end: nothing
 
 
 def string_bytes(token):
@@ -602,7 +620,7 @@ def string_bytes(token):
 
 _ZERO = rb"(?:\\(?:000|00(?![0-7])|0(?![0-7]))|\x00)"  # a zero byte
 _TWO_ZEROS = re.compile(_ZERO + rb"(?:\\\r?\n)*" + _ZERO)
-_STRINGS = re.compile(_STR, re.S)
+_STRINGS = regex.compile(_LITERAL + rb"(?&lit)|<[0-9A-Fa-f\s]*>", regex.S)
 _ZEROS_AT = re.compile(b'(?=\0\0)')
 
 
@@ -610,8 +628,21 @@ def shows_glyph_zero(shown):
     "Whether a TJ/Tj operand shows glyph 0 (two-byte glyph ids)."
     if b'<' not in shown and not _TWO_ZEROS.search(shown):
         return False  # no two zero bytes in a row: the common, quick case
-    return any(m.start() % 2 == 0 for token in _STRINGS.findall(shown)
-               for m in _ZEROS_AT.finditer(string_bytes(token)))
+    return any(m.start() % 2 == 0 for token in _STRINGS.finditer(shown)
+               for m in _ZEROS_AT.finditer(string_bytes(token[0])))
+
+
+def shown_strings(data):
+    "(font, operand) of each text-showing operator of a content stream."
+    matches = list(CONTENT.finditer(data))
+    if sum(1 for m in matches if m['shown']) != len(_SHOW_OPS.findall(data)):
+        matches = list(CONTENT_EXACT.finditer(data))  # deeper parentheses
+    font = None
+    for m in matches:
+        if m['font']:
+            font = '/' + m['font'].decode()
+        elif m['shown']:
+            yield font, m['shown']
 
 
 def pages_without_glyphs(pdf):
@@ -624,14 +655,10 @@ def pages_without_glyphs(pdf):
         fonts = page.get('/Resources', {}).get('/Font', {})
         two_byte = {name: fonts[name].get_object().get('/Encoding') ==
                     '/Identity-H' for name in fonts}
-        font = None
-        for m in CONTENT.finditer(page.get_contents().get_data()):
-            if m['font']:
-                font = '/' + m['font'].decode()
-            elif m['shown'] and two_byte.get(font) and \
-                    shows_glyph_zero(m['shown']):
-                bad.append(n)
-                break
+        data = page.get_contents().get_data()
+        if any(two_byte.get(font) and shows_glyph_zero(shown)
+               for font, shown in shown_strings(data)):
+            bad.append(n)
     return bad
 
 

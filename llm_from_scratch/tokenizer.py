@@ -436,7 +436,7 @@ KNOWN_PATTERNS = (GPT2_PATTERN, GPT4_PATTERN, LLAMA3_PATTERN)
 
 @patch(cls_method=True)
 def load(cls: Tokenizer, path, trusted=False):
-    "Read a tokenizer written by `Tokenizer.save`; see `KNOWN_PATTERNS`."
+    "Read a tokenizer file: ours (`save`) or Hugging Face's (`from_hf`)."
     path = Path(path)
     if _is_hf_file(path):  # Hugging Face's format: `from_hf`, below
         return cls.from_hf(path, trusted)
@@ -610,6 +610,8 @@ def _hf_pattern(pre, path):
         pattern = GPT2_PATTERN  # GPT-2's split, built into ByteLevel
     elif kinds == ['Split', 'ByteLevel'] and \
             steps[0].get('behavior') == 'Isolated' and \
+            not steps[0].get('invert') and \
+            isinstance(steps[0].get('pattern', {}).get('Regex'), str) and \
             not steps[1].get('use_regex', True):
         pattern = steps[0]['pattern']['Regex']  # Llama 3's way
     else:
@@ -621,24 +623,54 @@ def _hf_pattern(pre, path):
                          f'encodes text without a space added in front')
     return pattern
 
+
+def _hf_json(path):
+    "The JSON object of a Hugging Face file, or an error naming it."
+    try:
+        d = json.loads(path.read_text(encoding='utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f'{path} is not a tokenizer file (not valid JSON: '
+                         f'{e})') from None
+    plain = [t['content'] for t in d.get('added_tokens', [])
+             if not t.get('special')]
+    if plain:
+        raise ValueError(f'{path}: added token {plain[0]!r} is not special; '
+                         f'this package reads only special added tokens')
+    return d
+
+
+def _check_byte_ids(ranks, path):
+    "Refuse a vocabulary whose ids 0..255 are not the 256 single bytes."
+    if sorted(ranks.get(bytes([b]), -1) for b in range(256)) != \
+            list(range(256)):
+        raise ValueError(f'{path}: the 256 single bytes must be tokens '
+                         f'0..255 (a byte-level BPE trained with every '
+                         f'byte in its alphabet)')
+
 # %% ../nbs/01_tokenizer.ipynb #1e727ff5
-def _ranks_in_merge_order(ranks, merges, path):
-    "Raise unless each merge makes a token ranked after earlier merges'."
-    last = max(ranks[bytes([b])] for b in range(256))
-    for k, (a, b) in enumerate(merges):
-        i = ranks.get(a + b)
-        if i is None or i <= last:
+def _check_merges(tok, merges, path):
+    "Raise unless ranking by id implies exactly the file's merges."
+    theirs = [(tok.ranks.get(a), tok.ranks.get(b)) for a, b in merges]
+    try:
+        ours = list(tok.merges)  # rebuilt from the ids, in id order
+    except ValueError as e:  # a token that no merge of two makes
+        raise ValueError(f'{path}: {e}; not supported') from None
+    for k, (mine, its) in enumerate(zip(ours, theirs)):
+        if mine != its:
+            a, b = merges[k]
             raise ValueError(f'{path}: merge {k} ({a!r}, {b!r}) does not '
-                             f'follow the token ids, so ranking by id would '
-                             f'encode differently; not supported')
-        last = i
+                             f'follow from the token ids, so ranking by id '
+                             f'would encode differently; not supported')
+    if len(ours) != len(theirs):
+        raise ValueError(f'{path}: {len(theirs)} merges for '
+                         f'{len(ours)} merged tokens; not supported')
 
 # %% ../nbs/01_tokenizer.ipynb #f57bb795
 @patch(cls_method=True)
 def from_hf(cls: Tokenizer, path, trusted=False):
     "A `Tokenizer` from a Hugging Face byte-level BPE `tokenizer.json`."
     path = Path(path)
-    d = json.loads(path.read_text(encoding='utf-8'))
+    d = _hf_json(path)
     model = d.get('model') or {}
     if model.get('type') != 'BPE' or d.get('normalizer') or \
             model.get('byte_fallback'):
@@ -658,9 +690,11 @@ def from_hf(cls: Tokenizer, path, trusted=False):
         merges = [(as_bytes(a), as_bytes(b)) for a, b in (
             m.split(' ') if isinstance(m, str) else m
             for m in model['merges'])]
-    _ranks_in_merge_order(ranks, merges, path)
+    _check_byte_ids(ranks, path)
     with _reported_as_damaged(path):
-        return cls(ranks, pattern, specials, path.parent.name or path.stem)
+        tok = cls(ranks, pattern, specials, path.parent.name or path.stem)
+    _check_merges(tok, merges, path)
+    return tok
 
 # %% ../nbs/01_tokenizer.ipynb #9b04763b
 def plot_tokens(tok, text, width=64):

@@ -42,12 +42,3 @@ def built_book(tmp_path_factory):
     pdf = build.build_pdf(root, quarto=False, log=lambda *a: None)
     return root, pdf
 
-
-# the files that take longest start first, so that the two test processes
-# of `make test` (pytest-xdist, one file each at a time) finish together
-FIRST = ['test_package.py', 'test_book.py', 'test_distributed.py']
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))

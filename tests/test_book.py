@@ -117,6 +117,16 @@ def test_glyph_check_reads_pdf_strings():
     assert build.shows_glyph_zero(b'<0041 0000> Tj')
     assert not build.shows_glyph_zero(rb'[(\0006\001\000\000\005)]TJ')
     assert not build.shows_glyph_zero(rb'[(\001\000)-7(\000\002)]TJ')
+    # balanced parentheses may stand unescaped in a string (glyphs 40, 41)
+    shown = rb'[(\000(\000\000\000))]TJ'
+    assert build.CONTENT.fullmatch(shown)['shown'] == shown
+    assert build.shows_glyph_zero(shown)
+    assert build.string_bytes(b'(a\\\rb)') == b'ab'  # a line continued
+    deep = rb'[(\000' + b'(' * 9 + rb'\000\000' + b')' * 9 + rb')]TJ'
+    stream = b'BT /f0 8 Tf 1 0 0 -1 0 0 Tm ' + deep + b' ET'
+    assert build.CONTENT.search(deep)['shown'] != deep  # too deep for it,
+    assert list(build.shown_strings(stream)) == [('/f0', deep)]  # not this
+    assert build.shows_glyph_zero(deep)
 
 
 def test_builds_are_repeatable(built_book, tmp_path):

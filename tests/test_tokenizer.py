@@ -395,7 +395,19 @@ def test_foreign_files_we_cannot_read_exactly_are_refused(corpus, tmp_path):
     def swap_first_merges(d):
         m = d['model']['merges']
         m[0], m[1] = m[1], m[0]
-    refused(swap_first_merges, ['merge 1', 'not supported'])
+    refused(swap_first_merges, ['merge 0', 'not supported'])
+
+    def merge_order_differs(d):  # ids follow the merges, yet ranking
+        from llm_from_scratch.tokenizer import bytes_to_unicode
+        chars = bytes_to_unicode()  # by id merges a+bc, the file ab+c
+        vocab = {chars[b]: b for b in range(256)}
+        vocab.update(bc=256, ab=257, abc=258)
+        d['model'].update(vocab=vocab, merges=['b c', 'a b', 'ab c'])
+        d['added_tokens'] = []
+    refused(merge_order_differs, ['merge 2', 'not supported'])
+    refused(lambda d: d['model']['vocab'].pop('a'), ['256 single bytes'])
+    refused(lambda d: d['added_tokens'].append(dict(
+        id=300, content='<x>', special=False)), ["'<x>' is not special"])
     refused(lambda d: d['pre_tokenizer'].update(add_prefix_space=True),
             ['add_prefix_space'])
     refused(lambda d: d['model'].update(type='WordPiece'), ['byte-level'])
