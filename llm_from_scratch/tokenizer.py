@@ -460,8 +460,8 @@ def _check_pattern(pattern, path, trusted):
 def _is_hf_file(path):
     "Whether `path` holds a Hugging Face `tokenizer.json` (not ours)."
     try:
-        d = json.loads(Path(path).read_text(encoding='utf-8'))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        d = _json_object(Path(path))
+    except (OSError, ValueError):
         return False  # `_read_json` says what is wrong
     return isinstance(d, dict) and 'model' in d and 'format' not in d
 
@@ -475,13 +475,18 @@ def _as_pair(parts, idx, tok):
     return tuple(parts)
 
 
-def _read_json(path):
-    "The JSON object in tokenizer file `path`, if format and version fit."
+def _json_object(path):
+    "The JSON in tokenizer file `path`, or an error naming the file."
     try:
-        d = json.loads(path.read_text(encoding='utf-8'))
+        return json.loads(path.read_text(encoding='utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f'{path} is not a tokenizer file (not valid JSON: '
                          f'{e}); was it truncated or overwritten?') from None
+
+
+def _read_json(path):
+    "The JSON object in tokenizer file `path`, if format and version fit."
+    d = _json_object(path)
     if not isinstance(d, dict) or d.get('format') != FORMAT:
         raise ValueError(f'{path} is not a {FORMAT} file')
     if d.get('version') != FORMAT_VERSION:
@@ -626,11 +631,7 @@ def _hf_pattern(pre, path):
 
 def _hf_json(path):
     "The JSON object of a Hugging Face file, or an error naming it."
-    try:
-        d = json.loads(path.read_text(encoding='utf-8'))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f'{path} is not a tokenizer file (not valid JSON: '
-                         f'{e})') from None
+    d = _json_object(path)
     plain = [t['content'] for t in d.get('added_tokens', [])
              if not t.get('special')]
     if plain:
