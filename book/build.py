@@ -786,6 +786,9 @@ def execute_chapters(root=ROOT, names=None, log=print):
                 return True
             opts = cell_options(cell, path.name)
             return opts.get('eval') is False
+        for cell in nb.cells:  # execnb keeps old outputs of a silent cell
+            if not skip(cell):
+                cell.outputs = []
         log(f'executing {rel(path, book["root"])}')
         shell = CaptureShell(path)
         cwd = os.getcwd()

@@ -382,6 +382,8 @@ def _write_ours(folder, model, meta, tok):
     state = dict({k: meta[k] for k in keep if k in meta},
                  version=CKPT_VERSION,
                  tokenizer_sha256=_sha256(folder / 'tokenizer.json'))
+    if (state.get('train_config') or {}).get('lora_rank'):  # now merged
+        state['train_config'] = dict(state['train_config'], lora_rank=0)
     (folder / 'state.json').write_text(json.dumps(state, indent=1))
 
 

@@ -153,6 +153,9 @@ def _write_state(folder, step, model, loader, train_config, rng=None,
     meta = dict(format=CKPT_FORMAT, version=CKPT_VERSION, step=step,
                 model_config=asdict(model.config), loader=loader.state_dict(),
                 train_config=train_config, **extra)
+    rows = getattr(getattr(model, 'tok_emb', None), 'ids', None)
+    if rows is not None:  # LoRA trains the rows of added tokens (ch. 9)
+        meta['trained_rows'] = rows.tolist()
     if tokenizer is not None:  # the checkpoint alone is enough to generate
         shutil.copyfile(tokenizer, folder / 'tokenizer.json')
         meta['tokenizer_sha256'] = _sha256(folder / 'tokenizer.json')
@@ -316,6 +319,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     meta = read_checkpoint_meta(path)
     _check_same_model(path, ModelConfig(**meta['model_config']),
                       model.config)
+    _check_same_rows(path, meta, model)
     if meta.get('sharded'):  # written by FSDP: chapter 6 reads it
         from llm_from_scratch.distributed import load_sharded
         load_sharded(path, meta, model, optimizer, scheduler)
@@ -362,15 +366,19 @@ def _lora_of(meta):
     if not c.get('lora_rank'):
         return None
     return (c['lora_rank'], c.get('lora_alpha', 16.0),
-            tuple(c.get('lora_targets', ())), c.get('lora_dropout', 0.0))
+            tuple(c.get('lora_targets', ())), c.get('lora_dropout', 0.0),
+            tuple(meta.get('trained_rows', ())))
 
 
 def _with_adapters(model, lora):
     "`model` with LoRA adapters added (chapter 9), if `lora` says so."
     if lora is None:
         return model
-    from llm_from_scratch.lora import add_lora  # a later chapter
-    model = add_lora(model, *lora)
+    from llm_from_scratch.lora import add_lora, train_rows  # chapter 9
+    *settings, rows = lora
+    model = add_lora(model, *settings)
+    if rows:  # the tokens the data added: their rows learn too
+        model = train_rows(model, rows)
     if model.config.n_classes:  # a class head is new: it learns in full
         model.lm_head.weight.requires_grad_(True)
     return model
@@ -408,6 +416,19 @@ def _read_state(file):
                          f'this one reads {CKPT_VERSION}): upgrade the '
                          f'package')
     return meta
+
+
+def _check_same_rows(path, meta, model):
+    "Refuse a checkpoint that trained other token rows than `model`."
+    ids = getattr(model.tok_emb, 'ids', None)  # LoRA's new rows (ch. 9)
+    ours = [] if ids is None else ids.tolist()
+    saved = meta.get('trained_rows', [])
+    if saved != ours:
+        raise ValueError(f'{path} trained the embedding rows of tokens '
+                         f'{saved or "none"}, this model those of '
+                         f'{ours or "none"}: a LoRA run from an earlier '
+                         f'version of this package, or other data; start '
+                         f'the run again')
 
 
 def _check_same_model(path, saved, config):
@@ -478,6 +499,13 @@ def _check_meta(file, meta):
         _check_loader_state(file, meta['loader'])
     if not isinstance(meta.get('train_config') or {}, dict):
         raise ValueError(f'{file}: train_config must be a JSON object')
+    rows = meta.get('trained_rows', [])  # LoRA's added-token rows (ch. 9)
+    vocab = meta['model_config'].get('vocab_size')
+    if not (isinstance(rows, list) and all(_is_int(i) and 0 <= i < vocab
+                                           for i in rows)
+            and len(set(rows)) == len(rows)):
+        raise ValueError(f'{file}: trained_rows must be a list of distinct '
+                         f'token ids below vocab_size {vocab}, not {rows!r}')
 
 
 def _check_loader_state(file, state):
@@ -711,8 +739,10 @@ def initial_model(c, vocab_size):
     else:
         model = _pretrained(c, vocab_size)
     model = _headed(c, model)  # labelled passages: a class head (ch. 8)
-    lora = (c.lora_rank, c.lora_alpha, c.lora_targets, c.lora_dropout)
-    return _with_adapters(model, lora if c.lora_rank else None)
+    if not c.lora_rank:
+        return model
+    return _with_adapters(model, (c.lora_rank, c.lora_alpha, c.lora_targets,
+                                  c.lora_dropout, _added_ids(c)))
 
 
 def make_optimizer(c, model):
@@ -1212,6 +1242,15 @@ def _check_fits(c, config, vocab_size):
 
 def _data_meta(c):
     return load_split(c.data, 'train')[0]
+
+
+def _added_ids(c):
+    "Ids of the tokens that `c.data` adds to the vocabulary (ch. 8)."
+    added = _data_meta(c).get('added_tokens')
+    if not added:
+        return ()
+    tok = load_tokenizer(c.data)
+    return tuple(tok.special_tokens[s] for s in added)
 
 
 def _grown(c, model):

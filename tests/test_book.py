@@ -505,3 +505,23 @@ def test_edit_cycle_updates_package_and_pdf(project):
     assert 'def salute(name)' in module and 'def greet' not in module
     text = pdf_text(pdf)
     assert 'def salute(name)' in text and 'def greet' not in text
+
+
+def test_execute_clears_outputs_of_silent_cells(tmp_path):
+    "A cell that now prints nothing loses the output it printed before."
+    (tmp_path / '_quarto.yml').write_text(
+        'book:\n  chapters:\n    - nbs/01_x.ipynb\n')
+    (tmp_path / 'nbs').mkdir()
+    (tmp_path / 'book').mkdir()
+    stale = [dict(name='stdout', output_type='stream', text=['old\n'])]
+    cells = [dict(cell_type='code', id='a1', metadata={}, execution_count=None,
+                  outputs=stale, source=['x = 1']),
+             dict(cell_type='code', id='a2', metadata={}, execution_count=None,
+                  outputs=[], source=['print(x + 1)'])]
+    nb = dict(cells=cells, metadata={}, nbformat=4, nbformat_minor=5)
+    path = tmp_path / 'nbs' / '01_x.ipynb'
+    path.write_text(json.dumps(nb))
+    build.execute_chapters(tmp_path, log=lambda *a: None)
+    got = json.loads(path.read_text())['cells']
+    assert got[0]['outputs'] == []
+    assert ''.join(got[1]['outputs'][0]['text']) == '2\n'

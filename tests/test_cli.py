@@ -324,6 +324,13 @@ def test_finetune_with_lora_then_chat(run_dir, chats, tmp_path):
     r = run('finetune', '--init_from', run_dir, '--chats', chats, '--out',
             out, '--max_steps', 2, '--lora_rank', 2, *CHAT_SMALL)
     assert r.returncode == 0, r.stderr[-2000:]
+    # the chat tokens' rows trained beside the adapters (chapter 9)
+    state = sorted((out / 'checkpoints').glob('step-*'))[-1] / 'state.json'
+    tok = json.loads((out / 'data' / 'tokenizer.json').read_text())
+    specials = tok['special_tokens']
+    assert json.loads(state.read_text())['trained_rows'] == [
+        specials[s] for s in ('<|system|>', '<|user|>', '<|assistant|>',
+                              '<|end|>')]
     r = run('chat', '--checkpoint', out, '--max_new_tokens', 3,
             input='What is 2 plus 1?\n')
     assert r.returncode == 0 and r.stdout.count('assistant> ') == 1

@@ -10,7 +10,7 @@ from llm_from_scratch.data import (BatchLoader, corpus_files, load_split,
 from llm_from_scratch.lora import (LoRALinear, add_lora, layer_shapes,
                                    load_adapter, lora_param_count,
                                    merge_lora, save_adapter, strip_lora,
-                                   trainable)
+                                   train_rows, trainable)
 from llm_from_scratch.model import GPT, config_to_hf, preset, to_hf
 from llm_from_scratch.training import (TrainConfig, evaluate,
                                        latest_checkpoint,
@@ -260,3 +260,96 @@ def test_lora_run_through_train(plays):
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(idx)[0],
                                    lora.eval()(idx)[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize('name, kind, tied', [('tiny', 'gpt2', True),
+                                              ('tiny', 'gpt2', False),
+                                              ('tiny-llama', 'llama', True),
+                                              ('tiny-llama', 'llama', False)])
+def test_peft_loads_trained_token_rows(tmp_path, name, kind, tied):
+    "Rows from train_rows travel as peft's trainable_token_indices."
+    torch.manual_seed(0)
+    model = GPT(small(name, tie_weights=tied))
+    ours = train_rows(add_lora(model, 4, alpha=8.0), [7, 299])
+    randomise_b(ours)
+    with torch.no_grad():  # as if trained
+        for m in (ours.tok_emb, ours.lm_head):
+            if not m._tied:
+                m.rows.normal_()
+    untied = not ours.lm_head._tied
+    assert untied == (not tied)
+    hf = hf_twin(ours, kind)
+    save_adapter(ours, tmp_path, kind)
+    config = json.loads((tmp_path / 'adapter_config.json').read_text())
+    emb = 'embed_tokens' if kind == 'llama' else 'wte'
+    assert config['trainable_token_indices'] == (
+        {emb: [7, 299], 'lm_head': [7, 299]} if untied else [7, 299])
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    idx = torch.tensor([[7, 1, 299, 7, 3, 4]])
+    with torch.no_grad():
+        a, b = ours.eval()(idx)[0], theirs(input_ids=idx).logits
+        assert (a - b).abs().max() < 1e-4  # logits up to ~5: fp32 rounding
+    again = load_adapter(strip_lora(ours), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(idx)[0], a)
+        merged = merge_lora(again)(idx)[0]
+        assert (merged - a).abs().max() < 1e-4  # rounding of W + s B A
+    # only the rows train, and an adapter for the other tying is refused
+    assert not ours.tok_emb.base_layer.weight.requires_grad
+    other = GPT(small(name, tie_weights=not tied))
+    with pytest.raises(ValueError, match='tied to|untied from'):
+        load_adapter(other, tmp_path)
+    assert type(other.tok_emb) is torch.nn.Embedding  # left as it was
+
+
+def test_trained_rows_survive_a_checkpoint(tmp_path):
+    "A LoRA run on data that adds tokens trains their rows, and only them."
+    from llm_from_scratch.finetuning import (CHAT_TOKENS, grow_vocab,
+                                             prepare_chat, task_suite)
+    from llm_from_scratch.data import load_tokenizer, shakespeare
+    from llm_from_scratch.training import initial_model
+    prepare_data(shakespeare()[::25], tmp_path / 'data', vocab_size=300,
+                 val_fraction=0.2)
+    suite = task_suite(n=(40, 8, 0), tasks=('add',))
+    prepare_chat({s: [r['messages'] for r in rows]
+                  for s, rows in suite.items() if rows},
+                 tmp_path / 'data', tmp_path / 'chat', block_size=64)
+    base = TrainConfig(data=str(tmp_path / 'data'), out=str(tmp_path / 'b'),
+                       block_size=64, batch_size=4, max_steps=2,
+                       eval_every=2, eval_batches=1, save_every=2)
+    train(base, progress=False)
+    c = TrainConfig(data=str(tmp_path / 'chat'), out=str(tmp_path / 'l'),
+                    init_from=base.out, block_size=64, batch_size=4,
+                    max_steps=3, eval_every=3, eval_batches=1,
+                    save_every=3, lr=1e-2, lora_rank=2)
+    tok = load_tokenizer(c.data)
+    start = initial_model(c, tok.vocab_size)
+    new = [tok.special_tokens[s] for s in CHAT_TOKENS]
+    assert start.tok_emb.ids.tolist() == new
+    train(c, progress=False)
+    meta = json.loads((latest_checkpoint(c.out) / 'state.json').read_text())
+    assert meta['trained_rows'] == new
+    tuned = model_from_checkpoint(latest_checkpoint(c.out)).tok_emb.weight
+    grown = grow_vocab(model_from_checkpoint(latest_checkpoint(base.out)),
+                       tok, CHAT_TOKENS).tok_emb.weight
+    old = len(grown) - len(new)
+    assert torch.equal(tuned[:old], grown[:old])  # the base rows stay
+    assert (tuned[old:] != grown[old:]).any(1).all()  # each new one moved
+    # exported in our format, the merged model loads as a plain one
+    from llm_from_scratch.distributed import export_checkpoint
+    export_checkpoint(c.out, tmp_path / 'export')
+    again = model_from_checkpoint(tmp_path / 'export')
+    assert torch.equal(again.tok_emb.weight, tuned)
+    # a bad trained_rows in state.json is named
+    ckpt = latest_checkpoint(c.out)
+    state = json.loads((ckpt / 'state.json').read_text())
+    (ckpt / 'state.json').write_text(json.dumps(state | {'trained_rows': 5}))
+    with pytest.raises(ValueError, match='trained_rows must be a list'):
+        model_from_checkpoint(ckpt)
+    (ckpt / 'state.json').write_text(json.dumps(state))
+    # a model that does not train those rows (an older run, other data)
+    from llm_from_scratch.training import load_checkpoint
+    plain = add_lora(grow_vocab(model_from_checkpoint(latest_checkpoint(
+        base.out)), tok, CHAT_TOKENS), 2)
+    with pytest.raises(ValueError, match='trained the embedding rows'):
+        load_checkpoint(latest_checkpoint(c.out), plain)
