@@ -12,6 +12,7 @@ __all__ = ['HELD_OUT', 'HUB', 'PLAY_TASKS', 'split_plays', 'windows', 'token_log
 #| echo: false
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -178,13 +179,13 @@ class Task:
         _check_task(self)
 
 
-def write_task(task, path):
+def write_task(task, path, overwrite=False):
     "Write the items of `task` to `path`, one JSON object per line."
-    with open(path, 'w', encoding='utf-8') as f:
-        for item in task.items:
-            f.write(json.dumps({k: item[k] for k in _FIELDS},
-                               ensure_ascii=False) + '\n')
-    return Path(path)
+    path = _new_file(path, overwrite)
+    lines = [json.dumps({k: item[k] for k in _FIELDS}, ensure_ascii=False)
+             for item in task.items]
+    _write_whole(path, '\n'.join(lines) + '\n')
+    return path
 
 
 def read_task(path, name=None, delimiter=' '):
@@ -196,6 +197,23 @@ def read_task(path, name=None, delimiter=' '):
         if line.strip():
             items.append(_json_item(line, name, len(items), path, i + 1))
     return Task(name, items, delimiter)
+
+# %% ../nbs/10_evaluation.ipynb #a7e10c01
+#| echo: false
+def _new_file(path, overwrite):
+    "`path`, if it names no file yet or `overwrite` allows replacing it."
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f'{path} exists: choose another name, or '
+                              f'pass overwrite=True to replace it')
+    return path
+
+
+def _write_whole(path, text):
+    "Write `text` to `path` through a temporary file: whole or untouched."
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(text, encoding='utf-8')
+    os.replace(tmp, path)
 
 # %% ../nbs/10_evaluation.ipynb #5dadf893
 #| echo: false
@@ -460,11 +478,13 @@ def _check_fits(task, pairs, spans, block_size, truncate):
     return cut
 
 # %% ../nbs/10_evaluation.ipynb #ee6ce2c0
-def to_lm_eval(task, folder):
+def to_lm_eval(task, folder, overwrite=False):
     "Write `task` as an lm-evaluation-harness task (YAML and JSON Lines)."
     folder = Path(folder)
+    path = _new_file(folder / f'{task.name}.yaml', overwrite)
     folder.mkdir(parents=True, exist_ok=True)
-    data = write_task(task, folder / f'{task.name}.jsonl').resolve()
+    data = write_task(task, folder / f'{task.name}.jsonl',
+                      overwrite).resolve()
     spec = dict(task=task.name, dataset_path='json',
                 dataset_kwargs=dict(data_files=dict(test=str(data))),
                 test_split='test', output_type='multiple_choice',
@@ -473,6 +493,5 @@ def to_lm_eval(task, folder):
                 metric_list=[dict(metric=m, aggregation='mean',
                                   higher_is_better=True)
                              for m in ('acc', 'acc_norm')])
-    path = folder / f'{task.name}.yaml'
-    path.write_text(json.dumps(spec, indent=1) + '\n')
+    _write_whole(path, json.dumps(spec, indent=1) + '\n')  # JSON is YAML
     return path

@@ -169,7 +169,7 @@ def test_figures_and_tables_are_numbered(built_book):
             label = str(opts.get('label', ''))
             n_fig += label.startswith('fig-')
             n_tbl += label.startswith('tbl-')
-    text = pdf_text(pdf)
+    text = re.sub(r'\s+', ' ', pdf_text(pdf))  # justified: 'Table\xa0 25'
     for kind, n in [('Figure', n_fig), ('Table', n_tbl)]:
         for i in range(1, n + 1):
             assert f'{kind} {i}' in text, f'{kind} {i} not in the PDF'

@@ -259,6 +259,18 @@ def test_task_files_round_trip(tmp_path):
     write_task(task, tmp_path / 'edge.jsonl')
     assert read_task(tmp_path / 'edge.jsonl', delimiter='\n') == task
     assert read_task(tmp_path / 'edge.jsonl', name='other').name == 'other'
+    # a file that exists is never replaced unless asked
+    with pytest.raises(FileExistsError, match='edge.jsonl exists'):
+        write_task(task, tmp_path / 'edge.jsonl')
+    (tmp_path / 'h').mkdir()
+    (tmp_path / 'h' / 'edge.yaml').write_text('mine')
+    with pytest.raises(FileExistsError, match='edge.yaml exists'):
+        to_lm_eval(task, tmp_path / 'h')
+    assert (tmp_path / 'h' / 'edge.yaml').read_text() == 'mine'
+    assert not (tmp_path / 'h' / 'edge.jsonl').exists()  # nothing written
+    to_lm_eval(task, tmp_path / 'h', overwrite=True)
+    assert json.loads((tmp_path / 'h' / 'edge.yaml').read_text())[
+        'task'] == 'edge'
 
 
 @pytest.mark.parametrize('item, message', [
