@@ -153,9 +153,9 @@ def _write_state(folder, step, model, loader, train_config, rng=None,
     meta = dict(format=CKPT_FORMAT, version=CKPT_VERSION, step=step,
                 model_config=asdict(model.config), loader=loader.state_dict(),
                 train_config=train_config, **extra)
-    rows = getattr(getattr(model, 'tok_emb', None), 'ids', None)
-    if rows is not None:  # LoRA trains the rows of added tokens (ch. 9)
-        meta['trained_rows'] = rows.tolist()
+    rows = _trained_rows(model)  # LoRA trains added tokens' rows (ch. 9)
+    if rows:
+        meta['trained_rows'] = rows
     if tokenizer is not None:  # the checkpoint alone is enough to generate
         shutil.copyfile(tokenizer, folder / 'tokenizer.json')
         meta['tokenizer_sha256'] = _sha256(folder / 'tokenizer.json')
@@ -418,11 +418,15 @@ def _read_state(file):
     return meta
 
 
+def _trained_rows(model):
+    "Ids of the token rows that `model`'s LoRA trains (chapter 9), or []."
+    ids = getattr(model.tok_emb, 'ids', None)  # set by train_rows
+    return [] if ids is None else ids.tolist()
+
+
 def _check_same_rows(path, meta, model):
     "Refuse a checkpoint that trained other token rows than `model`."
-    ids = getattr(model.tok_emb, 'ids', None)  # LoRA's new rows (ch. 9)
-    ours = [] if ids is None else ids.tolist()
-    saved = meta.get('trained_rows', [])
+    ours, saved = _trained_rows(model), meta.get('trained_rows', [])
     if saved != ours:
         raise ValueError(f'{path} trained the embedding rows of tokens '
                          f'{saved or "none"}, this model those of '
