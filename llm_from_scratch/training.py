@@ -542,11 +542,42 @@ class CSVTracker(GeneralTracker):
     def log(self, values, step=None, **kwargs):
         row = dict(step=step, **values)
         new = not self.path.exists()
+        if not new:
+            _check_columns(self.path, list(row))
         with open(self.path, 'a', newline='') as f:
             w = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 w.writeheader()
             w.writerow(row)
+
+
+_COLUMNS = ('step', 'loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu',
+            'peak_mem_gb', 'val_loss', 'val_perplexity')  # of each row
+
+
+def _columns(evals):
+    "The columns of `log.csv` of a run with `evals`."
+    return [*_COLUMNS, *evals]
+
+
+def _check_evals(evals):
+    "`evals`: functions of the model, named unlike the log's columns."
+    for name, fn in (evals or {}).items():
+        if not isinstance(name, str) or name in _COLUMNS or not callable(fn):
+            raise ValueError(f'evals must map new names to functions of '
+                             f'the model; not {name!r}: {fn!r} (the log '
+                             f'already has {", ".join(_COLUMNS)})')
+
+
+def _check_columns(path, names):
+    "Refuse a row whose columns are not those of `path`'s header."
+    with open(path, newline='') as f:
+        header = next(csv.reader(f), [])
+    if header != names:
+        raise ValueError(f'{path} has the columns {", ".join(header)}; '
+                         f'this run logs {", ".join(names)}: resume with '
+                         f'the same evals (--eval_tasks, --eval_limit), '
+                         f'or train into a new folder')
 
 
 def _truncate_log(run_dir, step):
@@ -850,30 +881,33 @@ def _anyone(flag):
     return t.item() > 0
 
 # %% ../nbs/05_training.ipynb #4fbb8e7d
-def train(c=TrainConfig(), resume=False, progress='auto', stop_after=None):
+def train(c=TrainConfig(), resume=False, progress='auto', stop_after=None,
+          evals=None):
     "Run the training loop of config `c`; return the run's log rows."
     check_train_config(c)
+    _check_evals(evals)
     mode = _progress_mode(progress)
     started_here = not dist.is_initialized()
     strategy = parallelism(c)
     acc = _accelerator(c, strategy)
     with _locked(Path(c.out)), _CtrlC() as ctrl_c:  # one job per folder
-        log = _run(c, acc, strategy, resume, mode, stop_after, ctrl_c)
+        log = _run(c, acc, strategy, resume, mode, stop_after, ctrl_c,
+                   evals or {})
     if started_here and dist.is_initialized():
         gc.collect()  # the model first: gloo aborts the exit if its work
         dist.destroy_process_group()  # outlives the group
     return log
 
 
-def _run(c, acc, strategy, resume, mode, stop_after, ctrl_c):
+def _run(c, acc, strategy, resume, mode, stop_after, ctrl_c, evals):
     "Set up, loop, finish: the body of `train`."
     run_dir = Path(c.out)
-    ckpt = _start(c, resume, acc.is_main_process)
+    ckpt = _start(c, resume, acc.is_main_process, evals)
     tok, model, train_dl, val_dl = build_run(c, acc.num_processes,
                                              acc.process_index)
     model, opt, sched = strategy.wrap(acc, model)
     raw = acc.unwrap_model(model)
-    report = _Report(mode if acc.is_main_process else None)
+    report = _Report(mode if acc.is_main_process else None, list(evals))
     report.summary(c, acc, raw, train_dl, val_dl, resume, ckpt)
     dtype = torch.bfloat16 if acc.mixed_precision == 'bf16' else \
         torch.float32
@@ -914,9 +948,11 @@ def _run(c, acc, strategy, resume, mode, stop_after, ctrl_c):
         row = dict(loss=loss, lr=sched.get_last_lr()[0], grad_norm=norm,
                    tokens_per_s=tokens_per_step / dt,
                    mfu=flops_per_step / dt / peak, peak_mem_gb=mem,
-                   val_loss=None, val_perplexity=None)
+                   val_loss=None, val_perplexity=None,
+                   **dict.fromkeys(evals))
         if step % c.eval_every == 0 or step == c.max_steps:
             row.update(_evaluate(acc, model, val_dl, c.eval_batches))
+            row.update(_measure(raw, evals))
         acc.log(row, step=step)
         report.step(step, row)
         if c.sample_every and step % c.sample_every == 0:
@@ -958,6 +994,17 @@ def _sample(acc, model, tok, c, step):
     text = sample(model, tok, c.sample_prompt)
     if acc.is_main_process:
         _write_sample(Path(c.out), step, text)
+
+
+@torch.no_grad()
+def _measure(model, evals):
+    "The number each function of `evals` gives `model`, in eval mode."
+    was_training = model.training
+    model.eval()
+    try:
+        return {name: float(fn(model)) for name, fn in evals.items()}
+    finally:
+        model.train(was_training)
 
 
 def _evaluate(acc, model, loader, n_batches):
@@ -1011,8 +1058,8 @@ def _progress_mode(progress):
 class _Report:
     "What `train` prints: a summary, then a progress bar or plain lines."
 
-    def __init__(self, mode):
-        self.mode, self.bar = mode, None
+    def __init__(self, mode, evals=()):
+        self.mode, self.bar, self.evals = mode, None, evals
 
     def say(self, text, end='\n'):
         if self.bar is not None:
@@ -1050,7 +1097,8 @@ class _Report:
                      f'tokens/s, MFU {row["mfu"]:.1%}')
         if row['val_loss'] is not None:
             self.say(f'step {step}: val loss {row["val_loss"]:.3f}, '
-                     f'perplexity {row["val_perplexity"]:,.1f}')
+                     f'perplexity {row["val_perplexity"]:,.1f}' +
+                     ''.join(f', {k} {row[k]:.4g}' for k in self.evals))
 
     def close(self):
         if self.bar is not None:
@@ -1154,7 +1202,7 @@ def _read_json(path):
 
 # %% ../nbs/05_training.ipynb #c60a2ae8
 #| echo: false
-def _start(c, resume, main):
+def _start(c, resume, main, evals=()):
     "The checkpoint a run starts from (None: step 0), the folder checked."
     run_dir = Path(c.out)
     ckpt = latest_checkpoint(run_dir)
@@ -1166,6 +1214,8 @@ def _start(c, resume, main):
                               f'another out')
     if resume:
         _check_resume(_saved_config(run_dir), c)
+        if (run_dir / 'log.csv').exists():  # the same columns, evals too
+            _check_columns(run_dir / 'log.csv', _columns(evals))
         step = 0 if ckpt is None else read_checkpoint_meta(ckpt)['step']
         if main:
             _truncate_log(run_dir, step)  # steps after `step` run again

@@ -410,3 +410,189 @@ def test_finetune_a_model_from_hugging_face(chats, tmp_path, kind):
     r = run('chat', '--checkpoint', out, '--max_new_tokens', 3,
             input='What is 2 plus 1?\n')
     assert r.returncode == 0 and r.stdout.count('assistant> ') == 1
+
+
+# -- eval --------------------------------------------------------------------
+
+def _direct(run_dir, task, limit):
+    "What chapter 10's functions say about `task`'s first `limit` items."
+    from dataclasses import replace
+    from llm_from_scratch.evaluation import evaluate_task
+    from llm_from_scratch.generation import load_for_generation
+    model, tok = load_for_generation(run_dir)
+    return evaluate_task(model, tok, replace(task, items=task.items[:limit]))
+
+
+def test_eval_writes_a_report(run_dir, tmp_path, capsys):
+    from llm_from_scratch.evaluation import lm_scores, load_task, split_plays
+    from llm_from_scratch.generation import load_for_generation
+    out = tmp_path / 'report'
+    r = run('eval', run_dir, '--tasks', 'next_word,bpb', '--limit', 4,
+            '--out', out, '--quiet')
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / 'report.json').read_text())
+    assert report['tasks'] == ['next_word', 'bpb']
+    assert report['checkpoint'].endswith('step-0000003')
+    assert {'llm_from_scratch', 'torch', 'python'} <= set(
+        report['versions'])
+    assert report['seconds']['total'] > 0 and report['limit'] == 4
+    word, bpb = report['results']
+    direct = _direct(run_dir, load_task('next_word'), 4)
+    for k in ('items', 'acc', 'acc_norm', 'acc_stderr', 'centred'):
+        assert word[k] == pytest.approx(direct[k]), k
+    ours = report['per_item']['next_word']
+    assert [x['pred'] for x in ours] == \
+        [x['pred'] for x in direct['per_item']]
+    assert ours[0]['lls'] == pytest.approx(direct['per_item'][0]['lls'])
+    held = [d.text for d in split_plays()[1]][:4]
+    scores = lm_scores(*load_for_generation(run_dir), held)
+    assert bpb['items'] == 4
+    assert bpb['bits_per_byte'] == pytest.approx(scores['bits_per_byte'])
+    table = (out / 'report.md').read_text()
+    assert table.strip() == r.stdout.split('\nwrote ')[0].strip()
+    for name, k, v in [('next_word', 'acc_norm', word['acc_norm']),
+                       ('bpb', 'bits_per_byte', bpb['bits_per_byte'])]:
+        assert f'| {k} ' in table and f' {v:.4f} |' in table, (k, table)
+    assert f" {word['acc_stderr']:.4f} |" in table
+    # an existing report is never replaced silently
+    before = (out / 'report.json').read_bytes()
+    assert cli.main(['eval', str(run_dir), '--tasks', 'bpb', '--out',
+                     str(out)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and '--overwrite' in err
+    assert (out / 'report.json').read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ['report.json',
+                                                     'report.md']
+
+
+@pytest.mark.parametrize('tasks, message', [
+    ('next_word,squad', "unknown task 'squad': choose from bpb"),
+    ('arc_easy=no/such.jsonl', 'no task file no/such.jsonl'),
+    ('mine.jsonl', 'no task file mine.jsonl'),
+    ('squad=x.jsonl', "'squad' is not a benchmark"),
+    ('arc_easy', 'pass arc_easy=FILE'),
+    ('bpb,bpb', "two tasks are named 'bpb'"),
+    (',', 'no tasks given')])
+def test_eval_bad_tasks_are_one_line(run_dir, tmp_path, monkeypatch,
+                                     capsys, tasks, message):
+    "Checked before the model loads; the Hub is out of reach here."
+    monkeypatch.setattr(cli, '_hub_in_reach', lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['eval', str(run_dir), '--tasks', tasks]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith('llm-from-scratch eval: error:')
+    assert message in err, err
+    if tasks.endswith(',squad'):  # every kind of task is named
+        for name in ('next_word', 'next_line', 'arc_easy', 'mmlu'):
+            assert name in err
+
+
+def test_eval_task_files_and_benchmark_files(run_dir, tmp_path, capsys):
+    "Our JSONL format and ARC's own schema, on the model's HF export."
+    from llm_from_scratch.distributed import export_checkpoint
+    from llm_from_scratch.evaluation import Task, load_task, write_task
+    mine = Task('mine', [dict(query='To be, or not to be:',
+                              choices=['that is', 'the ques', 'tion'],
+                              gold=0)] * 3)
+    write_task(mine, tmp_path / 'mine.jsonl')
+    rows = [dict(id=f'q{i}', question=f'Who wrote play {i}?',
+                 choices=dict(text=['Shakespeare', 'Marlowe', 'Jonson'],
+                              label=['A', 'B', 'C']), answerKey='ABC'[i])
+            for i in range(3)]
+    arc = tmp_path / 'arc.jsonl'
+    arc.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    hf = tmp_path / 'hf'
+    export_checkpoint(run_dir, hf, format='hf')
+    tasks = f'{tmp_path / "mine.jsonl"},arc_easy={arc}'
+    assert cli.main(['eval', str(hf), '--tasks', tasks, '--out',
+                     str(tmp_path / 'r'), '--quiet']) == 0
+    out = capsys.readouterr().out
+    assert '| mine ' in out and '| arc_easy ' in out
+    report = json.loads((tmp_path / 'r' / 'report.json').read_text())
+    assert report['tasks'] == [str(tmp_path / 'mine.jsonl'),
+                               f'arc_easy={arc}']
+    got = {r['task']: r for r in report['results']}
+    assert got['mine']['items'] == 3 and got['arc_easy']['items'] == 3
+    for task in (mine, load_task('arc_easy', arc)):
+        want = _direct(run_dir, task, None)   # the run, not its export
+        assert got[task.name]['acc_norm'] == pytest.approx(want['acc_norm'])
+        assert report['per_item'][task.name][0]['lls'] == pytest.approx(
+            want['per_item'][0]['lls'], abs=1e-4)
+
+
+def test_eval_contamination(run_dir, data, tmp_path, capsys):
+    "An item copied from the training data is found; a new one is not."
+    from llm_from_scratch.evaluation import Task, write_task
+    from llm_from_scratch.data import load_tokenizer
+    _, shards = load_split(data, 'train')
+    seen = load_tokenizer(data).decode(shards[0][1000:1060].tolist())
+    task = Task('copied', [dict(query=seen, choices=['and', 'or'], gold=0),
+                           dict(query='Zebras compute quickly',
+                                choices=['and', 'or'], gold=0)])
+    write_task(task, tmp_path / 'copied.jsonl')
+    assert cli.main(['eval', str(run_dir), '--tasks',
+                     str(tmp_path / 'copied.jsonl'), '--contamination',
+                     str(data), '--out', str(tmp_path / 'r'),
+                     '--quiet']) == 0
+    assert '| contaminated ' in capsys.readouterr().out
+    report = json.loads((tmp_path / 'r' / 'report.json').read_text())
+    assert report['results'][0]['contaminated'] == 0.5
+    assert [x['contaminated'] for x in report['per_item']['copied']] == \
+        [True, False]
+
+
+def test_eval_progress_bar_leaves_the_scores_alone(run_dir, monkeypatch,
+                                                   capsys):
+    "On a terminal a bar counts the scored sequences; the table is the same."
+    args = ['eval', str(run_dir), '--tasks', 'next_word', '--limit', '3']
+    assert cli.main(args + ['--quiet']) == 0
+    quiet = capsys.readouterr().out
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert out == quiet and 'tasks in' in err
+
+
+def test_train_scores_tasks_at_each_evaluation(data, tmp_path):
+    from llm_from_scratch.data import load_tokenizer
+    from llm_from_scratch.evaluation import (Task, bits_per_byte,
+                                             evaluate_task, load_task,
+                                             split_plays, write_task)
+    from llm_from_scratch.training import (latest_checkpoint,
+                                           model_from_checkpoint)
+    out = tmp_path / 'run'
+    args = ['train', '--data', data, '--max_steps', 3, *SMALL]
+    r = run(*args, '--out', out, '--eval_tasks', 'next_word,bpb',
+            '--eval_limit', 5)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = read_log(out)[-1]
+    model = model_from_checkpoint(latest_checkpoint(out)).eval()
+    tok = load_tokenizer(data)
+    task = load_task('next_word')
+    task.items = task.items[:5]
+    texts = [d.text for d in split_plays()[1]][:5]
+    assert last['next_word acc_norm (5 items)'] == \
+        evaluate_task(model, tok, task)['acc_norm']
+    assert abs(last['bpb (5 scenes)'] - bits_per_byte(model, tok, texts)) \
+        < 1e-6
+    # resuming with other evals is refused before any step
+    r = run(*args[:4], 6, *SMALL, '--out', out, '--resume', '--eval_tasks',
+            'next_word,bpb', '--eval_limit', 6)
+    assert r.returncode == 1 and '(5 items)' in r.stderr, r.stderr
+    assert len(read_log(out)) == 3
+    r = run(*args, '--out', tmp_path / 'other', '--eval_tasks', 'next_wrd')
+    assert r.returncode == 1 and 'unknown task' in r.stderr
+    # a written answer that cannot fit the context: refused at the start
+    long = Task('long', [dict(query='Enter', answer='x')],
+                max_new_tokens=40)
+    write_task(long, tmp_path / 'long.jsonl')
+    r = run(*args, '--out', tmp_path / 'other', '--eval_tasks',
+            tmp_path / 'long.jsonl')
+    assert r.returncode == 1 and 'max_new_tokens 40' in r.stderr, r.stderr
+    assert not (tmp_path / 'other').exists()
+    r = run('eval', out, '--tasks', tmp_path / 'long.jsonl', '--quiet')
+    assert r.returncode == 1 and 'max_new_tokens 40' in r.stderr
+    r = run('eval', out, '--tasks', tmp_path / 'long.jsonl', '--quiet',
+            '--max_new_tokens', 4)
+    assert r.returncode == 0 and '| long ' in r.stdout, r.stderr

@@ -76,13 +76,13 @@ def test_readme_quick_start(venv, tmp_path):
     venv, _ = venv
     commands = quick_start()
     assert [c[1] for c in commands] == ['prepare', 'train', 'generate',
-                                        'finetune', 'chat', 'export',
-                                        'COMMAND'], commands
+                                        'finetune', 'chat', 'eval',
+                                        'export', 'COMMAND'], commands
     env = {**os.environ, 'PATH': f'{venv / "bin"}:{os.environ["PATH"]}'}
     for cmd in commands:
         if cmd[1] == 'COMMAND':  # every command's --help
             for name in ('prepare', 'train', 'generate', 'finetune', 'chat',
-                         'export'):
+                         'eval', 'export'):
                 r = run(cmd[0], name, '--help', cwd=tmp_path, env=env)
                 assert '--' in r.stdout
             continue
@@ -94,12 +94,16 @@ def test_readme_quick_start(venv, tmp_path):
         if cmd[1] == 'finetune':  # a short run, on a few chats
             cmd = cmd + ['--max_steps', '6', '--eval_every', '3',
                          '--eval_batches', '2']
+        if cmd[1] == 'eval':  # a few items of each task
+            cmd = cmd + ['--limit', '10']
         talk = 'What is 2 plus 3?\n' if cmd[1] == 'chat' else None
         r = run(*cmd, cwd=tmp_path, env=env, input=talk)
         if cmd[1] == 'generate':
             assert r.stdout.startswith('ROMEO:') and 'tokens/s' in r.stderr
         if cmd[1] == 'chat':
             assert r.stdout.count('assistant> ') == 1, r.stdout
+        if cmd[1] == 'eval':
+            assert '| next_word ' in r.stdout and 'bits_per_byte' in r.stdout
     exported = tmp_path / 'runs' / 'tiny-export'
     assert {'model.safetensors', 'tokenizer.json'} <= {
         p.name for p in exported.iterdir()}

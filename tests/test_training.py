@@ -607,3 +607,28 @@ def test_init_from_needs_the_same_tokenizer(data, trained, tmp_path):
                        'tokenizer of .* has 600'):  # no sha to compare
         train(config(bigger, tmp_path / 'b', init_from=str(state.parent)),
               progress=False)
+
+
+def test_evals_are_measured_at_each_evaluation(data, tmp_path, capsys):
+    seen = []
+
+    def probe(model):
+        seen.append((model.training, torch.is_grad_enabled()))
+        return len(seen) / 10
+
+    c = config(data, tmp_path / 'run')
+    log = train(c, progress='lines', evals={'probe': probe})
+    assert seen == [(False, False)] * 2  # steps 4 and 8, in eval mode
+    assert [r['probe'] for r in log] == [None] * 3 + [0.1] + \
+        [None] * 3 + [0.2]
+    assert [r['val_loss'] is None for r in log] == \
+        [r['probe'] is None for r in log]
+    assert 'probe 0.2' in capsys.readouterr().out
+    with pytest.raises(ValueError, match='the same evals'):
+        train(replace(c, max_steps=12), resume=True, progress=False)
+    assert len(read_log(c.out)) == 8  # nothing appended, nothing lost
+    assert latest_checkpoint(c.out).name.endswith('8')  # none written
+    for bad in ({'loss': probe}, {'x': 1.0}):
+        with pytest.raises(ValueError, match='evals must map new names'):
+            train(replace(c, out=str(tmp_path / 'bad')), evals=bad)
+        assert not (tmp_path / 'bad').exists()
