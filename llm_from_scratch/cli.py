@@ -181,7 +181,7 @@ def check_fields(fields, cls, source):
 def train_command(
     config: str = None,  # JSON file of TrainConfig fields
     resume: bool = False,  # continue the run in --out where it stopped
-    eval_tasks: str = None,  # tasks scored at each evaluation (as --tasks)
+    eval_tasks: str = None,  # tasks scored at each evaluation: eval --tasks
     eval_limit: int = 200,  # items of each of the eval_tasks
     quiet: bool = False,
     **fields,
