@@ -10,10 +10,11 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from llm_from_scratch.data import BatchLoader, load_split
-from llm_from_scratch.distributed import shard_model, state_bytes
+from llm_from_scratch.distributed import state_bytes
 from llm_from_scratch.model import GPT, preset
 from llm_from_scratch.training import peak_memory_gb
 
@@ -27,8 +28,10 @@ meta, shards = load_split(data, 'train')
 torch.manual_seed(0)
 model = GPT(preset(name, vocab_size=meta['tokenizer']['vocab_size'],
                    block_size=T))
-if mode == 'fsdp':
-    shard_model(model)
+if mode == 'fsdp':  # bare FSDP2: each block, then the root
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
 elif mode == 'ddp':
     model = DistributedDataParallel(model)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

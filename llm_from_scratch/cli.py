@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'CHOICES', 'comments', 'add_option', 'options_from_dataclass', 'options_from_function', 'prepare_command',
            'read_config', 'check_fields', 'train_command', 'generate_command', 'export_command', 'verify_command',
-           'finetune_command', 'chat_command', 'eval_command', 'build_parser', 'usage', 'main']
+           'finetune_command', 'chat_command', 'serve_command', 'eval_command', 'build_parser', 'usage', 'main']
 
 # %% ../nbs/90_cli.ipynb #e010fd09
 import argparse
@@ -505,6 +505,24 @@ def _reply(model, tok, history, max_new_tokens, **sampling):
     sys.stdout.write('\n')
     return ''.join(pieces)
 
+# %% ../nbs/90_cli.ipynb #5e7be1a1
+def serve_command(
+    model: str,  # a run, checkpoint, export or Hugging Face folder
+    host: str = '127.0.0.1',  # 0.0.0.0 serves other machines too
+    port: int = 8000,  # the TCP port to listen on
+    slots: int = 8,  # requests decoded together (continuous batching)
+    api_key: str = None,  # required of clients (or $LLM_FROM_SCRATCH_API_KEY)
+    device: str = None,  # cpu, cuda or mps (default: cuda if present)
+    dtype: str = None,  # fp32, bf16 or fp16 (default: as saved)
+    quiet: bool = False,
+):
+    "Serve a model over HTTP: OpenAI's API and a chat page."
+    from llm_from_scratch.serving import serve
+    api_key = api_key or os.environ.get('LLM_FROM_SCRATCH_API_KEY') or None
+    log = (lambda *a: None) if quiet else \
+        (lambda *a: print(*a, file=sys.stderr))
+    serve(model, host, port, slots, api_key, device, dtype, log=log)
+
 # %% ../nbs/90_cli.ipynb #e7a1c0d2
 def eval_command(
     model: str,  # a run, checkpoint, export or Hugging Face folder
@@ -876,7 +894,8 @@ def _finite(x):
 # %% ../nbs/90_cli.ipynb #6c49d22c
 COMMANDS = {'prepare': prepare_command, 'train': train_command,
             'finetune': finetune_command, 'generate': generate_command,
-            'chat': chat_command, 'eval': eval_command,
+            'chat': chat_command, 'serve': serve_command,
+            'eval': eval_command,
             'export': export_command,
             'verify': verify_command}
 CHOICES = {'precision': ('auto', 'fp32', 'bf16'),

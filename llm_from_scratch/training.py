@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'CKPT_FORMAT', 'CKPT_VERSION', 'ATTENTION', 'RESUMABLE', 'evaluate', 'param_groups', 'lr_schedule',
            'matmul_flops', 'peak_flops', 'save_checkpoint', 'latest_checkpoint', 'rng_states', 'read_checkpoint_meta',
-           'load_checkpoint', 'model_from_checkpoint', 'config_from_dict', 'CSVTracker', 'read_log', 'TrainConfig',
-           'check_train_config', 'warmup_steps', 'sample', 'build_run', 'make_loader', 'initial_model',
-           'make_optimizer', 'Replicas', 'parallelism', 'train', 'peak_memory_gb', 'resume_config']
+           'load_checkpoint', 'model_from_checkpoint', 'check_shards', 'config_from_dict', 'CSVTracker', 'read_log',
+           'TrainConfig', 'check_train_config', 'warmup_steps', 'sample', 'build_run', 'make_loader', 'initial_model',
+           'make_optimizer', 'parallelize', 'fsdp_plugin', 'train', 'peak_memory_gb', 'resume_config']
 
 # %% ../nbs/05_training.ipynb #9bc1b352
 #| echo: false
@@ -15,7 +15,6 @@ import contextlib
 import csv
 import dataclasses
 import errno
-import gc
 import hashlib
 import json
 import math
@@ -27,21 +26,33 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
-from safetensors.torch import load_file, load_model, save_file, save_model
+from accelerate.utils import DistributedType
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file
+from torch.distributed.checkpoint import (HuggingFaceStorageReader,
+                                          HuggingFaceStorageWriter)
+from torch.distributed.checkpoint.state_dict import (
+    get_state_dict, set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import (MixedPrecisionPolicy, OffloadPolicy,
+                                    fully_shard)
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import clip_grad_norm_
 
 from .data import (BatchLoader, FolderInUse, load_split,
                                    load_tokenizer, lock_folder)
-from .model import (GPT, ModelConfig, check_weights,
-                                    flops_per_token, preset)
+from .model import (GPT, Block, ModelConfig,
+                                    check_weights, flops_per_token, preset)
 
 # %% ../nbs/05_training.ipynb #5d02ba57
 @torch.no_grad()
@@ -128,27 +139,47 @@ def peak_flops(device, dtype=torch.float32):
     return _MEASURED[key]
 
 # %% ../nbs/05_training.ipynb #6e933374
-CKPT_FORMAT, CKPT_VERSION = 'llm_from_scratch.checkpoint', 2
+CKPT_FORMAT, CKPT_VERSION = 'llm_from_scratch.checkpoint', 3
 
 
 def save_checkpoint(run_dir, step, model, optimizer, scheduler, loader,
-                    train_config=None, keep=2, rng=None, tokenizer=None):
-    "Write checkpoint `step` of a run atomically; keep the last `keep`."
+                    train_config=None, keep=2, tokenizer=None):
+    "Write checkpoint `step` of a run; every process writes its part."
     root = Path(run_dir) / 'checkpoints'
-    tmp = _new_tmp(root, step)
-    with _removed_on_failure(tmp):
-        save_model(model, str(tmp / 'model.safetensors'))
-        torch.save(dict(optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict()), tmp / 'optim.pt')
-        _write_state(tmp, step, model, loader, train_config, rng,
-                     tokenizer)
-        return _commit(tmp, root / f'step-{step:07d}', keep)
+    tmp = Path(_broadcast(_on_main(lambda: str(_new_tmp(root, step)))))
+    tensors, groups = _checkpoint_tensors(model, optimizer)
+    rng = rng_states()  # every process's generators, gathered
+    with _removed_on_failure(tmp) if _rank() == 0 else _nothing():
+        _save_tensors(tensors, tmp / 'shards')  # each its own shards
+
+    def finish():  # process 0 alone: the small files, then the rename
+        with _removed_on_failure(tmp):
+            files = sorted(p.name for p in (tmp / 'shards').iterdir())
+            _write_state(tmp, step, model, loader, train_config, rng,
+                         tokenizer, sharded=dict(
+                             world_size=_world_size(), files=files,
+                             param_groups=groups,
+                             scheduler=scheduler.state_dict()))
+            return str(_commit(tmp, root / f'step-{step:07d}', keep))
+    return Path(_broadcast(_on_main(finish)))
 
 
-def _write_state(folder, step, model, loader, train_config, rng=None,
+def _checkpoint_tensors(model, optimizer=None):
+    "Tensors to save by name (weights, AdamW state), the optimizer groups."
+    if optimizer is None:
+        msd, osd = model.state_dict(), None
+    else:  # names, not positions: any sharding of them can read it back
+        msd, osd = get_state_dict(model, optimizer)
+    alias = _aliases(model)  # the tied output head: stored once
+    tensors = dict(model={k: v for k, v in msd.items() if k not in alias})
+    if osd is not None:
+        tensors['optim'] = osd['state']
+    return tensors, (osd or {}).get('param_groups')
+
+
+def _write_state(folder, step, model, loader, train_config, rng,
                  tokenizer=None, **extra):
     "RNG states, the tokenizer and `state.json` of a checkpoint."
-    rng = rng or _rng_states(_rank())  # all processes': see below
     save_file(rng, str(folder / 'rng.safetensors'))
     meta = dict(format=CKPT_FORMAT, version=CKPT_VERSION, step=step,
                 model_config=asdict(model.config), loader=loader.state_dict(),
@@ -270,10 +301,86 @@ def _sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _running():
+    "Whether a process group runs (torchrun, accelerate launch)."
+    return dist.is_available() and dist.is_initialized()
+
+
 def _rank():
     "This process's rank (0 without a process group)."
-    return dist.get_rank() if dist.is_available() and \
-        dist.is_initialized() else 0
+    return dist.get_rank() if _running() else 0
+
+
+def _world_size():
+    return dist.get_world_size() if _running() else 1
+
+
+def _on_main(fn):
+    "`fn()` in process 0 alone; if it fails, every process raises."
+    result, error = None, None
+    if _rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    if _anyone(error is not None):
+        raise error or RuntimeError('process 0 failed; its error says why')
+    return result
+
+
+def _anyone(flag):
+    "Whether `flag` is true in any process (collective when several run)."
+    if not _running():
+        return flag
+    device = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def _broadcast(obj):
+    "Process 0's `obj`, in every process."
+    if not _running():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_nothing = contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def _alone_is_fine():
+    "DCP warns when no process group runs; one process is fine here."
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled')
+        yield
+
+
+def _save_tensors(tensors, folder):
+    "DCP: every process writes its tensors as safetensors in `folder`."
+    with _alone_is_fine():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(
+            str(folder), save_distributed=True))
+
+
+def _load_tensors(tensors, folder):
+    "DCP: fill `tensors` in place, each process reading what it holds."
+    with _alone_is_fine():
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(
+            str(folder)))
+
+
+def _aliases(model):
+    "{tied name: name it shares the tensor with}, e.g. the output head."
+    first, out = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
 
 # %% ../nbs/05_training.ipynb #0c80e6d7
 def _rng_states(rank=0):
@@ -320,11 +427,10 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     _check_same_model(path, ModelConfig(**meta['model_config']),
                       model.config)
     _check_same_rows(path, meta, model)
-    if meta.get('sharded'):  # written by FSDP: chapter 6 reads it
-        from llm_from_scratch.distributed import load_sharded
-        load_sharded(path, meta, model, optimizer, scheduler)
-    else:
-        _load_replicated(path, model, optimizer, scheduler)
+    if 'sharded' in meta:
+        _load_shards(path, meta, model, optimizer, scheduler)
+    else:  # version 2, one process: model.safetensors and optim.pt
+        _load_old(path, model, optimizer or scheduler or rng)
     if loader is not None:
         loader.load_state_dict(meta['loader'])
     if rng:  # only a resumed run continues the saved random streams
@@ -332,15 +438,22 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None,
     return meta['step']
 
 
-def _load_replicated(path, model, optimizer, scheduler):
-    "Weights from safetensors, optimizer and schedule from `optim.pt`."
-    load_model(model, str(path / 'model.safetensors'))
-    if optimizer is not None or scheduler is not None:
-        state = _load_tensors(path / 'optim.pt')  # weights_only=True
-        if optimizer is not None:
-            optimizer.load_state_dict(state['optimizer'])
-        if scheduler is not None:
-            scheduler.load_state_dict(state['scheduler'])
+def _load_shards(path, meta, model, optimizer=None, scheduler=None):
+    "Weights and AdamW state by name, whatever the number of processes."
+    check_shards(path, meta)
+    info = meta['sharded']
+    tensors, _ = _checkpoint_tensors(model, optimizer)
+    _load_tensors(tensors, path / 'shards')  # each process its part
+    weights = dict(tensors['model'])
+    weights.update({a: weights[t] for a, t in _aliases(model).items()})
+    if optimizer is None:
+        set_model_state_dict(model, weights)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=weights,
+                       optim_state_dict=dict(state=tensors['optim'],
+                                             param_groups=_groups(info)))
+    if scheduler is not None:
+        scheduler.load_state_dict(info['scheduler'])
 
 
 def model_from_checkpoint(path):
@@ -348,15 +461,76 @@ def model_from_checkpoint(path):
     path = Path(path)
     meta = read_checkpoint_meta(path)
     config = ModelConfig(**meta['model_config'])
-    if meta.get('sharded'):  # chapter 6 checks the shards' headers
-        from llm_from_scratch.distributed import check_shards
+    if 'sharded' in meta:  # names and shapes, before allocating
         check_shards(path, meta, config)
-    elif not _lora_of(meta):  # names and shapes, before allocating
+    elif not _lora_of(meta):
         check_weights(config, path / 'model.safetensors')
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stays
         model = _with_adapters(GPT(config), _lora_of(meta))
     load_checkpoint(path, model)
     return _merged(model, _lora_of(meta))
+
+# %% ../nbs/05_training.ipynb #5d38b17d
+#| echo: false
+def _groups(info):
+    "The optimizer's parameter groups as saved (JSON makes tuples lists)."
+    return [dict(g, betas=tuple(g['betas'])) if 'betas' in g else g
+            for g in info['param_groups']]
+
+
+def _load_old(path, model, resuming):
+    "The weights of a version-2 checkpoint; it cannot be resumed."
+    if resuming:
+        raise ValueError(
+            f'{path} was written by an older llm_from_scratch (one '
+            f'model.safetensors and a pickled optim.pt, which this version '
+            f'does not read): its weights load, but a run cannot resume '
+            f'from it. Start a new run from them with init_from={path}')
+    load_model(model, str(path / 'model.safetensors'))
+
+
+def _shard_info(path, meta):
+    "The checked `sharded` entry of a checkpoint's state.json."
+    info = meta['sharded']
+    files = info.get('files') if isinstance(info, dict) else None
+    if not (isinstance(files, list) and files and all(
+            isinstance(f, str) and f == Path(f).name and f not in ('.', '..')
+            for f in files) and _is_int(info.get('world_size'))
+            and isinstance(info.get('param_groups') or [], list)):
+        raise ValueError(f'{Path(path) / "state.json"}: sharded must list '
+                         f'the shard files (plain names) and world_size')
+    return info
+
+
+def _shard_keys(file):
+    "The tensor names in the header of safetensors `file`."
+    try:
+        with safe_open(str(file), 'pt') as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise ValueError(f'{file} is not a valid safetensors file ({e})'
+                         ) from None
+
+
+def check_shards(path, meta, config=None):
+    "Raise naming any shard file the checkpoint lacks, or `config` misfits."
+    info = _shard_info(path, meta)
+    missing = [f for f in info['files']
+               if not (Path(path) / 'shards' / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f'{path} is incomplete: {len(missing)} of {len(info["files"])} '
+            f'shard files are missing ({", ".join(missing)}), written by '
+            f'{info["world_size"]} processes. Copy the whole checkpoint '
+            f'folder, or resume from an earlier checkpoint')
+    if config is not None:  # from the headers, before building anything
+        n = len({k.split('.')[2] for f in info['files']
+                 for k in _shard_keys(Path(path) / 'shards' / f)
+                 if k.startswith('model.blocks.')})
+        if n != config.n_layer:
+            raise ValueError(f'{path}: the config says n_layer '
+                             f'{config.n_layer} but the shards hold {n} '
+                             f'blocks')
 
 # %% ../nbs/05_training.ipynb #a1f0c9e2
 #| echo: false
@@ -443,16 +617,6 @@ def _check_same_model(path, saved, config):
                 if getattr(config, k) != v}
         raise ValueError(f'{path} holds a different model; (checkpoint, '
                          f'this run) differ in {diff}')
-
-
-def _load_tensors(file):
-    "`torch.load(file, weights_only=True)`: tensors and plain data only."
-    try:
-        return torch.load(file, weights_only=True)
-    except Exception as e:  # pickle that is not plain tensors/data
-        raise ValueError(f'{file} cannot be loaded safely '
-                         f'({type(e).__name__}): refusing to run code '
-                         f'from a checkpoint') from None
 
 
 def _is_int(v):
@@ -626,6 +790,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model
     eval_every: int = 100           # steps between validation losses
     eval_batches: int = 20          # batches per validation loss
+    log_every: int = 1              # steps per log row (and device wait)
     save_every: int = 500           # steps between checkpoints, and last
     keep: int = 2                   # checkpoints kept
     sample_every: int = 0           # 0: only before and after training
@@ -641,7 +806,8 @@ class TrainConfig:
 # %% ../nbs/05_training.ipynb #1744f254
 #| echo: false
 _AT_LEAST_1 = ('block_size', 'batch_size', 'grad_accum', 'max_steps',
-               'eval_every', 'eval_batches', 'save_every', 'keep')
+               'eval_every', 'eval_batches', 'log_every', 'save_every',
+               'keep')
 
 
 def check_train_config(c):
@@ -734,13 +900,12 @@ def _trackers(c, run_dir):
     return [CSVTracker(run_dir), *(t for t in c.log_with if t != 'csv')]
 
 
-def _accelerator(c, strategy):
+def _accelerator(c):
     "Accelerate, set up for run `c`."
     AcceleratorState._reset_state()  # a fresh precision setting per run
     return Accelerator(mixed_precision=_precision(c),
                        log_with=_trackers(c, Path(c.out)),
-                       project_dir=c.out, cpu=_cpu_launch(),
-                       **strategy.accelerator_kwargs())
+                       project_dir=c.out, cpu=_cpu_launch())
 
 
 def build_run(c, world_size=1, rank=0):
@@ -820,65 +985,65 @@ def _check_batch(c, world_size):
                          f'{world_size}')
 
 # %% ../nbs/05_training.ipynb #8d41c0b7
-class Replicas:
-    "A full model in every process; Accelerate adds DDP for several."
-
-    def __init__(self, c):
-        self.c = c
-
-    def accelerator_kwargs(self):
-        return {}
-
-    def wrap(self, acc, model):
-        "(model, optimizer, schedule) placed by `acc`."
-        opt, sched = make_optimizer(self.c, model)
-        model, opt = acc.prepare(model, opt)
-        return model, opt, sched
-
-    def save(self, acc, run_dir, step, model, opt, sched, loader):
-        "The main process writes one checkpoint of the whole state."
-        acc.wait_for_everyone()
-        rng = rng_states()  # every process's generators, gathered
-        _on_main(lambda: save_checkpoint(
-            run_dir, step, acc.unwrap_model(model), opt, sched, loader,
-            asdict(self.c), self.c.keep, rng, _tokenizer_file(self.c)))
+def parallelize(model, parallel, world_size, plugin=None):
+    "Spread `model` over the processes: whole copies, or shards (ch. 6)."
+    if parallel == 'fsdp':  # each Block, then the rest as the root
+        kw = _shard_settings(plugin)  # Accelerate's FSDP settings
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(block, **kw)
+        return fully_shard(model, **kw)
+    if world_size > 1:  # a whole copy in every process
+        return DistributedDataParallel(model)  # gradients averaged
+    return model
 
 
-def parallelism(c):
-    "The strategy for `c.parallel`: `Replicas`, or chapter 6's `FSDP`."
-    fsdp_launch = os.environ.get('ACCELERATE_USE_FSDP', '') == 'true'
-    if c.parallel == 'fsdp' or fsdp_launch:
-        from llm_from_scratch.distributed import FSDP  # next chapter
-        return FSDP(c)
-    return Replicas(c)
+def fsdp_plugin(acc):
+    "Accelerate's FSDP settings: from `accelerate launch`, or defaults."
+    if acc.distributed_type == DistributedType.FSDP:
+        return acc.state.fsdp_plugin  # read from the launch's config file
+    bf16 = acc.mixed_precision == 'bf16'  # compute in bf16, reduce in fp32
+    return FullyShardedDataParallelPlugin(  # FSDP_* variables, if set
+        fsdp_version=2, mixed_precision_policy=MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None,
+            reduce_dtype=torch.float32 if bf16 else None))
+
+# %% ../nbs/05_training.ipynb #bbe83f38
+#| echo: false
+def _shard_settings(plugin):
+    "`fully_shard`'s arguments from an Accelerate FSDP plugin."
+    _require_process_group()
+    plugin = plugin or FullyShardedDataParallelPlugin(fsdp_version=2)
+    for name, why in (('activation_checkpointing', 'is not supported'),
+                      ('ignored_modules', 'is not supported')):
+        if getattr(plugin, name, None):
+            raise ValueError(f'the FSDP setting {name} {why} by '
+                             f'llm_from_scratch: leave it out of the '
+                             f'accelerate config')
+    if plugin.fsdp_version != 2:
+        raise ValueError(f'fsdp_version {plugin.fsdp_version}: '
+                         f'llm_from_scratch shards with FSDP2; set '
+                         f'fsdp_version: 2 in the accelerate config')
+    return dict(reshard_after_forward=plugin.reshard_after_forward,
+                mp_policy=plugin.mixed_precision_policy or
+                MixedPrecisionPolicy(),
+                offload_policy=plugin.cpu_offload or OffloadPolicy())
+
+
+def _require_process_group():
+    "Raise with directions when no process group is running."
+    if not _running():
+        raise RuntimeError(
+            "parallel='fsdp' shards the model over a process group, and "
+            "none is running. Start the processes with `torchrun "
+            "--nproc_per_node N $(which llm-from-scratch) train ...`, or "
+            "on GPUs with `accelerate launch --config_file configs/"
+            "accelerate/fsdp-1node.yaml ...` (one process is allowed; on "
+            "CPUs accelerate launch starts several processes only through "
+            "MPI). Or use parallel='ddp'")
 
 
 def _tokenizer_file(c):
     return Path(c.data) / 'tokenizer.json'
-
-# %% ../nbs/05_training.ipynb #bbe83f38
-#| echo: false
-def _on_main(fn):
-    "`fn()` in process 0 alone; if it fails, every process raises."
-    result, error = None, None
-    if _rank() == 0:
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
-    if _anyone(error is not None):
-        raise error or RuntimeError('process 0 failed; its error says why')
-    return result
-
-
-def _anyone(flag):
-    "Whether `flag` is true in any process (collective when several run)."
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    device = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
 
 # %% ../nbs/05_training.ipynb #4fbb8e7d
 def train(c=TrainConfig(), resume=False, progress='auto', stop_after=None,
@@ -887,26 +1052,29 @@ def train(c=TrainConfig(), resume=False, progress='auto', stop_after=None,
     check_train_config(c)
     _check_evals(evals)
     mode = _progress_mode(progress)
-    started_here = not dist.is_initialized()
-    strategy = parallelism(c)
-    acc = _accelerator(c, strategy)
+    started_here = not _running()  # else the caller ends its own group
+    acc = _accelerator(c)
     with _locked(Path(c.out)), _CtrlC() as ctrl_c:  # one job per folder
-        log = _run(c, acc, strategy, resume, mode, stop_after, ctrl_c,
-                   evals or {})
-    if started_here and dist.is_initialized():
-        gc.collect()  # the model first: gloo aborts the exit if its work
-        dist.destroy_process_group()  # outlives the group
+        log = _run(c, acc, resume, mode, stop_after, ctrl_c, evals or {})
+    if started_here:
+        acc.end_training()  # trackers finished, the process group ended
+    else:
+        for tracker in acc.trackers:
+            tracker.finish()
     return log
 
 
-def _run(c, acc, strategy, resume, mode, stop_after, ctrl_c, evals):
+def _run(c, acc, resume, mode, stop_after, ctrl_c, evals):
     "Set up, loop, finish: the body of `train`."
     run_dir = Path(c.out)
     ckpt = _start(c, resume, acc.is_main_process, evals)
-    tok, model, train_dl, val_dl = build_run(c, acc.num_processes,
-                                             acc.process_index)
-    model, opt, sched = strategy.wrap(acc, model)
-    raw = acc.unwrap_model(model)
+    tok, raw, train_dl, val_dl = build_run(c, acc.num_processes,
+                                           acc.process_index)
+    how = 'fsdp' if acc.distributed_type == DistributedType.FSDP else \
+        c.parallel  # an FSDP launch config shards too
+    model = parallelize(raw.to(acc.device), how, acc.num_processes,
+                        fsdp_plugin(acc))  # the one step that spreads it
+    opt, sched = make_optimizer(c, model)  # over the shards, if sharded
     report = _Report(mode if acc.is_main_process else None, list(evals))
     report.summary(c, acc, raw, train_dl, val_dl, resume, ckpt)
     dtype = torch.bfloat16 if acc.mixed_precision == 'bf16' else \
@@ -923,8 +1091,8 @@ def _run(c, acc, strategy, resume, mode, stop_after, ctrl_c, evals):
     end = c.max_steps if stop_after is None else min(stop_after, c.max_steps)
     report.start(step, c.max_steps)
     ctrl_c.arm()
+    window, t_log = [], time.perf_counter()
     while step < end:
-        t0 = time.perf_counter()
         loss_sum = 0.0
         for micro in range(c.grad_accum):
             x, y = next(train_dl)
@@ -935,49 +1103,53 @@ def _run(c, acc, strategy, resume, mode, stop_after, ctrl_c, evals):
                 _, loss = fwd(x, y)
                 acc.backward(loss / c.grad_accum)
             loss_sum += loss.detach().float()
-        loss, mem, stop = _step_stats(acc, loss_sum / c.grad_accum,
-                                      ctrl_c.pressed)
-        _check_finite(loss, step + 1, run_dir, c.lr)
-        norm = _item(acc.clip_grad_norm_(model.parameters(),
-                                         c.grad_clip or math.inf))
+        norm = clip_grad_norm_(model.parameters(), c.grad_clip or math.inf)
+        window.append(torch.stack([loss_sum / c.grad_accum, _whole(norm)]))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        dt = time.perf_counter() - t0
-        row = dict(loss=loss, lr=sched.get_last_lr()[0], grad_norm=norm,
-                   tokens_per_s=tokens_per_step / dt,
+        evaluating = step % c.eval_every == 0 or step == c.max_steps
+        saving = step % c.save_every == 0 or step == end
+        if step % c.log_every and not (evaluating or saving):
+            continue  # nothing waits for the device between log steps
+        losses, norms, mem, stop = _synced(acc, window, ctrl_c.pressed)
+        _check_finite(losses, step - len(window) + 1, run_dir, c.lr)
+        dt = (time.perf_counter() - t_log) / len(window)
+        row = dict(loss=sum(losses) / len(losses), lr=sched.get_last_lr()[0],
+                   grad_norm=max(norms), tokens_per_s=tokens_per_step / dt,
                    mfu=flops_per_step / dt / peak, peak_mem_gb=mem,
                    val_loss=None, val_perplexity=None,
                    **dict.fromkeys(evals))
-        if step % c.eval_every == 0 or step == c.max_steps:
+        if evaluating:
             row.update(_evaluate(acc, model, val_dl, c.eval_batches))
             row.update(_measure(raw, evals))
         acc.log(row, step=step)
         report.step(step, row)
         if c.sample_every and step % c.sample_every == 0:
             _sample(acc, raw, tok, c, step)
-        if step % c.save_every == 0 or step == end or stop:
-            strategy.save(acc, run_dir, step, model, opt, sched, train_dl)
+        if saving or stop:
+            save_checkpoint(run_dir, step, raw, opt, sched, train_dl,
+                            asdict(c), c.keep, _tokenizer_file(c))
         if stop:  # Ctrl-C, now that the step is saved
             report.close()
             raise _stopped(run_dir, step)
+        window, t_log = [], time.perf_counter()
     report.close()
     if not (c.sample_every and step % c.sample_every == 0):
         _sample(acc, raw, tok, c, step)
-    for tracker in acc.trackers:
-        tracker.finish()
     return read_log(run_dir) if acc.is_main_process else None
 
 # %% ../nbs/05_training.ipynb #5c853b6a
 #| echo: false
-def _check_finite(loss, step, run_dir, lr):
-    "Stop a run whose loss at `step` is not a finite number."
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f'the loss became {loss} at step {step}; stopping. The '
-            f'last good checkpoint is {latest_checkpoint(run_dir)}: try '
-            f'a lower lr (now {lr}) or more warmup_steps')
+def _check_finite(losses, first, run_dir, lr):
+    "Stop a run whose loss at step `first` + i, `losses[i]`, is not finite."
+    for step, loss in enumerate(losses, first):
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f'the loss became {loss} at step {step}; stopping. The '
+                f'last good checkpoint is {latest_checkpoint(run_dir)}: '
+                f'try a lower lr (now {lr}) or more warmup_steps')
 
 # %% ../nbs/05_training.ipynb #62ae88c8
 def _write_sample(run_dir, step, text):
@@ -1017,13 +1189,15 @@ def _evaluate(acc, model, loader, n_batches):
     return dict(val_loss=loss, val_perplexity=math.exp(min(loss, 50)))
 
 
-def _step_stats(acc, loss, stop=False):
-    "Mean loss, largest peak memory, and whether any process must stop."
+def _synced(acc, window, stop=False):
+    "Losses and norms of `window`'s steps, peak memory, stop: one wait."
     own = torch.tensor([peak_memory_gb(acc.device), float(stop)],
                        device=acc.device)
-    stats = acc.gather(torch.cat([loss.float()[None], own])[None])
-    return stats[:, 0].mean().item(), stats[:, 1].max().item(), \
-        bool(stats[:, 2].max() > 0)
+    mine = torch.cat([torch.stack(window).flatten(), own])
+    every = acc.gather(mine[None]).cpu()  # the one wait for the device
+    steps = every[:, :-2].view(len(every), len(window), 2)
+    return steps[:, :, 0].mean(0).tolist(), steps[0, :, 1].tolist(), \
+        every[:, -2].max().item(), bool(every[:, -1].max() > 0)
 
 # %% ../nbs/05_training.ipynb #46b7535f
 #| echo: false
@@ -1039,9 +1213,9 @@ def peak_memory_gb(device):
     return rss / (2**30 if sys.platform == 'darwin' else 2**20)
 
 
-def _item(x):
-    "A float from a tensor, gathering a sharded (DTensor) one first."
-    return float(x.full_tensor() if hasattr(x, 'full_tensor') else x)
+def _whole(x):
+    "A float32 tensor, gathering a sharded (DTensor) one first."
+    return (x.full_tensor() if hasattr(x, 'full_tensor') else x).float()
 
 # %% ../nbs/05_training.ipynb #72b00cbf
 #| echo: false
@@ -1137,9 +1311,9 @@ def _stopped(run_dir, step):
         f'with resume=True (--resume)')
 
 # %% ../nbs/05_training.ipynb #9fcffc8e
-RESUMABLE = ('max_steps', 'eval_every', 'eval_batches', 'save_every',
-             'keep', 'sample_every', 'sample_prompt', 'compile',
-             'log_with', 'parallel')  # may change when a run resumes
+RESUMABLE = ('max_steps', 'eval_every', 'eval_batches', 'log_every',
+             'save_every', 'keep', 'sample_every', 'sample_prompt',
+             'compile', 'log_with', 'parallel')  # may change on resume
 
 
 def resume_config(run_dir, **given):

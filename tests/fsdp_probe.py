@@ -8,12 +8,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llm_from_scratch.distributed import shard_model, shard_report, state_bytes
+from llm_from_scratch.distributed import shard_report, state_bytes
+from llm_from_scratch.training import parallelize
 from llm_from_scratch.model import GPT, preset
 
 dist.init_process_group('gloo')
 torch.manual_seed(0)
-model = shard_model(GPT(preset('tiny-llama', vocab_size=512, block_size=32)))
+model = parallelize(GPT(preset("tiny-llama", vocab_size=512, block_size=32)),
+                    "fsdp", dist.get_world_size())
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 x = torch.randint(0, 512, (2, 32))
 model(x, x)[1].backward()

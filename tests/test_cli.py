@@ -4,6 +4,7 @@ types it."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -348,6 +349,57 @@ def test_chat_through_stdin(chat_run):
 def test_chat_refuses_a_model_that_was_not_fine_tuned(run_dir):
     r = run('chat', '--checkpoint', run_dir, input='hi\n')
     assert r.returncode == 1 and 'not a chat model' in r.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_serve_a_chat_run_until_ctrl_c(chat_run):
+    import httpx
+    port = free_port()
+    url = f'http://127.0.0.1:{port}'
+    p = subprocess.Popen([str(EXE), 'serve', str(chat_run), '--port',
+                          str(port), '--slots', '2'], text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, LLM_FROM_SCRATCH_API_KEY='k'))
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and p.poll() is None:
+            try:
+                if httpx.get(url + '/health').status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = dict(messages=[dict(role='user', content='What is 2 plus 1?')],
+                    max_tokens=4, temperature=0)
+        r = httpx.post(url + '/v1/chat/completions', json=body)
+        assert r.status_code == 401
+        r = httpx.post(url + '/v1/chat/completions', json=body,
+                       headers={'authorization': 'Bearer k'})
+        assert r.status_code == 200, r.text
+        assert r.json()['model'] == chat_run.name
+        assert r.json()['usage']['completion_tokens'] <= 4
+        assert '<title>' in httpx.get(url + '/').text
+    finally:
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err[-2000:]
+    assert f'http://127.0.0.1:{port}/' in err and 'API key' in err
+
+
+def test_serve_errors_are_one_line(run_dir):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run('serve', run_dir, '--port', port)
+    assert r.returncode == 1 and 'cannot listen on' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run('serve', run_dir, '--slots', 0, '--port', free_port())
+    assert r.returncode == 1 and 'slots must be at least 1' in r.stderr
 
 
 def test_exported_chat_model_talks_in_transformers(chat_run, tmp_path):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from llm_from_scratch.data import prepare_data, shakespeare
 from llm_from_scratch.distributed import (STRATEGIES, export_checkpoint,
-                                          fsdp_plugin, memory_plan, torchrun)
+                                          memory_plan, torchrun)
 from llm_from_scratch.generation import load_for_generation
 from llm_from_scratch.model import GPT, preset
 from llm_from_scratch.tokenizer import Tokenizer
@@ -205,16 +205,64 @@ def test_world_size_must_divide_the_batch(runs):
     assert r.returncode != 0 and 'divisible by 2' in r.stderr
 
 
-def test_accelerate_launch_runs_the_train_command(runs):
+CPU_FSDP = ROOT / 'configs' / 'accelerate' / 'fsdp-cpu.yaml'
+
+
+def test_accelerate_launch_with_an_fsdp_config_on_cpu(runs, tmp_path):
+    "Accelerate's FSDP config file starts 2 processes that shard, on CPU."
     exe = Path(sys.executable).parent / 'accelerate'
-    r = subprocess.run([str(exe), 'launch', '--cpu', '--num_processes', '1',
-                        '--num_machines', '1', '--mixed_precision', 'no',
-                        '--dynamo_backend', 'no', EXE,
-                        *map(str, cli_args(runs / 'data', runs / 'acc',
-                                           max_steps=2))],
-                       capture_output=True, text=True)
+    r = subprocess.run([str(exe), 'launch', '--config_file', str(CPU_FSDP),
+                        EXE, *map(str, cli_args(runs / 'data', runs / 'acc',
+                                                parallel='fsdp'))],
+                       capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [int(x['step']) for x in read_log(runs / 'acc')] == [1, 2]
+    assert max(abs(a - b) for a, b in zip(
+        losses(runs / 'acc'), losses(runs / 'single'))) < 1e-5
+    meta = read_checkpoint_meta(latest_checkpoint(runs / 'acc'))
+    assert meta['sharded']['world_size'] == 2
+
+
+PROBE = """
+from accelerate import Accelerator
+from llm_from_scratch.model import GPT, preset
+from llm_from_scratch.training import fsdp_plugin, parallelize
+acc = Accelerator(cpu=True)
+m = parallelize(GPT(preset('tiny', vocab_size=64, block_size=8)), 'fsdp',
+                acc.num_processes, fsdp_plugin(acc))
+state = m.blocks[0]._get_fsdp_state()._fsdp_param_group
+print(acc.num_processes, state.post_forward_mesh_info is not None,
+      m.blocks[0].attn.q_proj.weight.to_local().shape[0])
+acc.end_training()
+"""
+
+
+@pytest.mark.parametrize('reshard', ['true', 'false'])
+def test_accelerates_fsdp_settings_reach_fully_shard(tmp_path, reshard):
+    "fsdp_reshard_after_forward in the config file decides what FSDP2 does."
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text(CPU_FSDP.read_text().replace(
+        'fsdp_reshard_after_forward: true',
+        f'fsdp_reshard_after_forward: {reshard}'))
+    (tmp_path / 'probe.py').write_text(PROBE)
+    exe = Path(sys.executable).parent / 'accelerate'
+    r = subprocess.run([str(exe), 'launch', '--config_file', str(cfg),
+                        str(tmp_path / 'probe.py')], capture_output=True,
+                       text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split('\n')[:2] == [f'2 {reshard.title()} 64'] * 2
+
+
+def test_fsdp_plugin_defaults_outside_accelerate_launch():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from llm_from_scratch.training import fsdp_plugin
+    AcceleratorState._reset_state()
+    p = fsdp_plugin(Accelerator(cpu=True, mixed_precision='bf16'))
+    assert p.fsdp_version == 2 and p.reshard_after_forward is True
+    assert p.mixed_precision_policy.param_dtype == torch.bfloat16
+    assert p.mixed_precision_policy.reduce_dtype == torch.float32
+    AcceleratorState._reset_state()
 
 
 def test_unknown_parallel(runs):
@@ -241,21 +289,16 @@ def test_memory_plan_arithmetic():
         memory_plan(c, 0)
 
 
-def test_accelerate_configs_and_plugin():
+def test_accelerate_configs():
     from accelerate.commands.config.config_args import \
         load_config_from_file
-    for name in ('fsdp-1node.yaml', 'fsdp-multinode.yaml'):
+    for name in ('fsdp-1node.yaml', 'fsdp-multinode.yaml', 'fsdp-cpu.yaml'):
         cfg = load_config_from_file(str(ROOT / 'configs' / 'accelerate'
                                         / name))
         assert cfg.distributed_type == 'FSDP'
         assert cfg.fsdp_config['fsdp_version'] == 2
         assert cfg.fsdp_config['fsdp_transformer_layer_cls_to_wrap'] == \
             'Block'
-    p = fsdp_plugin('bf16')
-    assert p.fsdp_version == 2 and p.reshard_after_forward is True
-    assert p.transformer_cls_names_to_wrap == ['Block']
-    assert p.mixed_precision_policy.param_dtype == torch.bfloat16
-    assert p.mixed_precision_policy.reduce_dtype == torch.float32
 
 
 # -- runs of a script of our own, and exports ---------------------------------
@@ -394,3 +437,31 @@ def test_init_from_a_hugging_face_folder(script_runs, tmp_path):
                                                      'max_steps': 2}),
                 progress=False)
     assert log[0]['loss'] < read_log(script_runs / 'single')[-1]['loss'] + 0.3
+
+
+def test_resume_is_exact_at_world_2_with_dropout(script_runs, tmp_path):
+    "FSDP with dropout: stop at step 3, resume in two new processes."
+    run = tmp_path / 'again'
+    shutil.copytree(script_runs / 'fsdp', run)
+    shutil.rmtree(run / 'checkpoints' / 'step-0000006')
+    fields = json.dumps(dict(ARGS, parallel='fsdp', dropout=0.1))
+    torchrun(2, script_runs / 'data', run, fields, 'resume',
+             script=script_runs / 'train.py')
+    assert losses(run) == losses(script_runs / 'fsdp')  # bit for bit
+    assert max_diff(weights(latest_checkpoint(run)),
+                    weights(latest_checkpoint(script_runs / 'fsdp'))) == 0
+
+
+@pytest.mark.parametrize('parallel', ['ddp', 'fsdp'])
+def test_a_one_process_run_resumes_in_two(runs, tmp_path, parallel):
+    "The checkpoint of one process continues in two, replicated or sharded."
+    run = tmp_path / parallel
+    shutil.copytree(runs / 'single', run)
+    shutil.rmtree(run / 'checkpoints' / 'step-0000006')
+    torchrun(2, *cli_args(runs / 'data', run, parallel=parallel),
+             '--resume')
+    single = losses(runs / 'single')
+    assert len(losses(run)) == 6
+    assert max(abs(a - b) for a, b in zip(losses(run), single)) < 1e-5
+    meta = read_checkpoint_meta(latest_checkpoint(run))
+    assert meta['sharded']['world_size'] == 2

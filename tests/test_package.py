@@ -69,6 +69,10 @@ def test_wheel_installs_into_a_fresh_venv(venv, tmp_path):
     got_version, where = out.split()
     assert got_version == version
     assert str(venv) in where, 'imported from the wrong place'
+    # the server's web stack comes with the wheel, and so does its page
+    run(venv / 'bin' / 'python', '-c', 'import fastapi, uvicorn; from '
+        'llm_from_scratch.serving import PAGE; assert "<html" in PAGE',
+        cwd=tmp_path)
 
 
 def test_readme_quick_start(venv, tmp_path):
@@ -82,7 +86,7 @@ def test_readme_quick_start(venv, tmp_path):
     for cmd in commands:
         if cmd[1] == 'COMMAND':  # every command's --help
             for name in ('prepare', 'train', 'generate', 'finetune', 'chat',
-                         'eval', 'export'):
+                         'serve', 'eval', 'export'):
                 r = run(cmd[0], name, '--help', cwd=tmp_path, env=env)
                 assert '--' in r.stdout
             continue

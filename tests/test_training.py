@@ -123,10 +123,21 @@ def test_resume_is_exact(data, tmp_path, dropout):
     assert [r['step'] for r in b] == list(range(1, 9))
     for key in ('loss', 'lr', 'grad_norm', 'val_loss'):
         assert [r[key] for r in a] == [r[key] for r in b], key
-    wa = load_file(latest_checkpoint(straight) / 'model.safetensors')
-    wb = load_file(latest_checkpoint(split) / 'model.safetensors')
-    assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    wa, wb = (shard_tensors(latest_checkpoint(r)) for r in (straight, split))
+    assert wa.keys() == wb.keys() and any('exp_avg' in k for k in wa)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # weights, moments
+
+
+def shard_tensors(ckpt):
+    "Every tensor in a checkpoint's shard files, by name."
+    out = {}
+    for f in sorted((ckpt / 'shards').iterdir()):
+        out.update(load_file(f))
+    return out
+
+
+def shard_bytes(ckpt):
+    return {f.name: f.read_bytes() for f in (ckpt / 'shards').iterdir()}
 
 
 def test_two_trainers_cannot_share_a_run_folder(data, tmp_path):
@@ -194,16 +205,17 @@ def test_crash_while_saving_keeps_the_last_checkpoint(data, tmp_path,
     out = tmp_path / 'run'
     train(config(data, out, max_steps=4), progress=False)
     good = latest_checkpoint(out)
-    before = (good / 'model.safetensors').read_bytes()
+    before = shard_bytes(good)
 
-    def crash(model, path):
-        Path(path).write_bytes(b'half a file')
+    def crash(tensors, folder):
+        folder.mkdir()
+        (folder / 'shard-00001.safetensors').write_bytes(b'half a file')
         raise KeyboardInterrupt('power cut')
-    monkeypatch.setattr(training, 'save_model', crash)
+    monkeypatch.setattr(training, '_save_tensors', crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(out, 8, *tiny_state(data))
     assert latest_checkpoint(out) == good
-    assert (good / 'model.safetensors').read_bytes() == before
+    assert shard_bytes(good) == before
     assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == \
         [good.name]  # no partial folder left behind
     monkeypatch.undo()
@@ -212,15 +224,15 @@ def test_crash_while_saving_keeps_the_last_checkpoint(data, tmp_path,
 
 
 def test_disk_full_while_saving_says_so(data, tmp_path, monkeypatch):
-    "Simulated: torch.save fails as it does on a full disk."
+    "Simulated: a shard write fails as it does on a full disk."
     out = tmp_path / 'run'
     train(config(data, out, max_steps=4), progress=False)
 
-    def full(obj, path):
-        Path(path).write_bytes(b'x' * 100)
-        raise RuntimeError('[enforce fail at inline_container.cc:672] . '
-                           'unexpected pos 576 vs 534')
-    monkeypatch.setattr(training.torch, 'save', full)
+    def full(tensors, folder):
+        folder.mkdir()
+        (folder / 'shard-00001.safetensors').write_bytes(b'x' * 100)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(training, '_save_tensors', full)
     monkeypatch.setattr(training.shutil, 'disk_usage',
                         lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
     with pytest.raises(OSError, match=f'no space left on .*{out.name}') as e:
@@ -259,20 +271,55 @@ def test_disk_full_on_a_real_small_disk(data, small_disk):
     assert [r['step'] for r in log] == list(range(1, 9))
 
 
-def test_checkpoints_never_unpickle_code(data, tmp_path):
-    out = tmp_path / 'run'
-    train(config(data, out, max_steps=4), progress=False)
-    ckpt = latest_checkpoint(out)
-    assert (ckpt / 'model.safetensors').exists()
+def test_checkpoints_hold_no_pickle(trained):
+    "Every file of a checkpoint is safetensors or JSON, whatever wrote it."
+    ckpt = latest_checkpoint(trained)
+    files = [f for f in ckpt.rglob('*') if f.is_file()]
+    assert {f.suffix for f in files} == {'.safetensors', '.json'}
+    for f in files:
+        assert not f.read_bytes().startswith(b'\x80')  # pickle's magic
+        assert not zipfile_like(f)  # torch.save's format
+
+
+def zipfile_like(f):
+    return f.read_bytes()[:4] == b'PK\x03\x04'
+
+
+def old_checkpoint(trained, tmp_path):
+    "A version-2 checkpoint as the previous release wrote it in 1 process."
+    ckpt = tmp_path / 'checkpoints' / 'step-0000008'
+    shutil.copytree(latest_checkpoint(trained), ckpt)
+    model = model_from_checkpoint(ckpt)
+    shutil.rmtree(ckpt / 'shards')
+    from safetensors.torch import save_model
+    save_model(model, str(ckpt / 'model.safetensors'))
 
     class Payload:
         def __reduce__(self):
             return (print, ('this ran from a checkpoint',))
     torch.save({'optimizer': Payload()}, ckpt / 'optim.pt')
-    model = GPT(preset('tiny', vocab_size=512, block_size=32))
-    opt = torch.optim.AdamW(model.parameters())
-    with pytest.raises(ValueError, match='cannot be loaded safely'):
-        load_checkpoint(ckpt, model, opt)
+    meta = json.loads((ckpt / 'state.json').read_text())
+    del meta['sharded']
+    (ckpt / 'state.json').write_text(json.dumps(dict(meta, version=2)))
+    return ckpt, model
+
+
+def test_old_checkpoints_load_weights_but_never_resume(data, trained,
+                                                       tmp_path, capsys):
+    ckpt, model = old_checkpoint(trained, tmp_path)
+    again = model_from_checkpoint(ckpt)
+    assert all(torch.equal(a, b) for a, b in
+               zip(model.state_dict().values(), again.state_dict().values()))
+    opt = torch.optim.AdamW(again.parameters())
+    with pytest.raises(ValueError, match='older llm_from_scratch.*init_from'):
+        load_checkpoint(ckpt, again, opt)
+    run = tmp_path / 'run'
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / 'checkpoints')
+    shutil.copytree(ckpt.parent, run / 'checkpoints')
+    with pytest.raises(ValueError, match='cannot resume'):
+        train(config(data, run), resume=True, progress=False)
+    assert 'this ran' not in capsys.readouterr().out  # optim.pt never read
 
 
 def test_checkpoint_stands_alone(data, tmp_path):
