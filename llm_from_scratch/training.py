@@ -999,10 +999,8 @@ def parallelize(model, parallel, world_size, plugin=None):
 
 def fsdp_plugin(acc):
     "Accelerate's FSDP settings: from `accelerate launch`, or defaults."
-    if acc.distributed_type == DistributedType.FSDP:
-        return acc.state.fsdp_plugin  # read from the launch's config file
     bf16 = acc.mixed_precision == 'bf16'  # compute in bf16, reduce in fp32
-    return FullyShardedDataParallelPlugin(  # FSDP_* variables, if set
+    return FullyShardedDataParallelPlugin(  # reads the launch's FSDP_* vars
         fsdp_version=2, mixed_precision_policy=MixedPrecisionPolicy(
             param_dtype=torch.bfloat16 if bf16 else None,
             reduce_dtype=torch.float32 if bf16 else None))
