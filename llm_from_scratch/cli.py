@@ -304,16 +304,32 @@ def _report(stats):
 
 # %% ../nbs/90_cli.ipynb #76be0f8b
 def export_command(
-    checkpoint: str,  # run folder or checkpoint folder (sharded or not)
-    out: str,  # new folder to write; it must not exist
-    format: str = 'ours',  # ours: this package; hf: Hugging Face
+    checkpoint: str,  # run, checkpoint, export or Hugging Face folder
+    out: str,  # new folder (ours, hf) or new .gguf file (gguf)
+    format: str = 'ours',  # ours, hf (Hugging Face) or gguf (llama.cpp)
+    type: str = None,  # numbers in a gguf file (default: f32)
 ):
-    "Write a checkpoint as a folder that stands alone."
-    from llm_from_scratch.distributed import export_checkpoint
-    path = Path(export_checkpoint(checkpoint, out, format=format))
-    size = sum(f.stat().st_size for f in path.parent.iterdir()) if \
-        path.is_file() else sum(f.stat().st_size for f in path.iterdir())
+    "Write a model as a folder that stands alone, or a GGUF file."
+    if format == 'gguf':
+        path = _export_gguf(checkpoint, out, type or 'f32')
+        size = path.stat().st_size
+    else:
+        if type is not None:
+            raise ValueError(f'--type sets the numbers of a GGUF file: '
+                             f'use it with --format gguf, not {format}')
+        from llm_from_scratch.distributed import export_checkpoint
+        path = Path(export_checkpoint(checkpoint, out, format=format))
+        size = sum(f.stat().st_size for f in path.parent.iterdir())
     print(f'wrote {out} ({size / 2**20:.1f} MiB)')
+
+
+def _export_gguf(checkpoint, out, type):
+    "Write `checkpoint`'s model and tokenizer as GGUF file `out` (ch. 13)."
+    from llm_from_scratch.generation import load_for_generation
+    from llm_from_scratch.portable import write_gguf
+    model, tok = load_for_generation(checkpoint, device='cpu', dtype='fp32')
+    name = Path(checkpoint).resolve().name
+    return write_gguf(model, tok, out, type, name=name)
 
 
 def verify_command(
@@ -900,7 +916,9 @@ COMMANDS = {'prepare': prepare_command, 'train': train_command,
             'verify': verify_command}
 CHOICES = {'precision': ('auto', 'fp32', 'bf16'),
            'parallel': ('ddp', 'fsdp'), 'errors': ('strict', 'replace'),
-           'format': ('ours', 'hf'), 'dtype': ('fp32', 'bf16', 'fp16')}
+           'format': ('ours', 'hf', 'gguf'),
+           'dtype': ('fp32', 'bf16', 'fp16'),
+           'type': ('f32', 'f16', 'bf16', 'q8_0')}
 
 
 def build_parser(name):

@@ -4,13 +4,17 @@
 
 # %% auto #0
 __all__ = ['END_OF_TEXT', 'DTYPES', 'check_max_new_tokens', 'check_sampling', 'filter_logits', 'penalize_repeats', 'next_token',
-           'left_pad', 'eval_mode', 'generate_tokens', 'fit_prompt', 'generate', 'stop_strings', 'split_at_stop',
-           'decode_stream', 'stream_text', 'time_per_token', 'read_tokenizer', 'find_tokenizer', 'check_tokenizer',
-           'pick_device', 'stored_dtype', 'pick_dtype', 'load_for_generation']
+           'left_pad', 'StaticKVCache', 'forward_last', 'eval_mode', 'generate_tokens', 'fit_prompt', 'generate',
+           'stop_strings', 'split_at_stop', 'decode_stream', 'stream_text', 'time_per_token', 'memory_bandwidth',
+           'weight_bytes', 'step_bytes', 'decode_speed', 'compiled_forward_last', 'fast_matmul', 'phase_models',
+           'time_generation', 'read_tokenizer', 'find_tokenizer', 'check_tokenizer', 'pick_device', 'stored_dtype',
+           'pick_dtype', 'load_for_generation']
 
 # %% ../nbs/07_inference.ipynb #d5841688
 #| echo: false
 import codecs
+import copy
+import functools
 import hashlib
 import json
 import numbers
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import KVCache
+from .attention import kv_cache_bytes
 from .model import GPT
 
 # %% ../nbs/07_inference.ipynb #b93b5bba
@@ -104,6 +108,39 @@ def left_pad(prompts, pad_id=0, device=None):
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
     return idx, mask, positions
 
+# %% ../nbs/07_inference.ipynb #c0ca5822
+class StaticKVCache:
+    "One layer's keys and values in fixed buffers (B, n_kv_head, S, hs)."
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim,
+                 dtype=torch.float32, device=None):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+
+    def update(self, k, v):
+        "Write `k`, `v` (B, n_kv_head, T, hs) at `pos`; return all slots."
+        T = k.shape[2]
+        where = self.pos + torch.arange(T, device=k.device)
+        self.k.index_copy_(2, where, k.to(self.k.dtype))
+        self.v.index_copy_(2, where, v.to(self.v.dtype))
+        self.pos = self.pos + T  # a new tensor: the caller's offset stays
+        return self.k.to(k.dtype), self.v.to(v.dtype)
+
+
+def forward_last(model, idx, cache, positions, mask):
+    "Logits (B, V) of the last of `idx` (B, T), with a `StaticKVCache`."
+    x = model.tok_emb(idx)                                  # (B, T, C)
+    if model.pos_emb is not None:
+        x = x + model.pos_emb(positions)
+    cos = sin = None
+    if model.config.pos == 'rope':  # positions (B, T): add a head axis
+        cos, sin = model.cos[positions][:, None], model.sin[positions][:, None]
+    for block, layer_cache in zip(model.blocks, cache):
+        x = block(x, cos, sin, layer_cache, mask)  # mask (B, S)
+    return model.lm_head(model.norm_f(x[:, -1]))            # (B, V)
+
 # %% ../nbs/07_inference.ipynb #bbe0ca4c
 #| echo: false
 def _check_context(L, max_new_tokens, block_size):
@@ -135,10 +172,24 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def _recompute(model, idx, mask, pos, n, choose):
+    "The baseline without a cache: every step runs the whole sequence."
+    padded = not bool(mask.all())  # no mask needed when nothing is padded
+    for i in range(n):
+        logits, _ = model(idx, positions=pos,
+                          pad_mask=mask if padded else None)
+        tok = choose(logits[:, -1], idx, mask)
+        yield tok
+        idx = torch.cat([idx, tok[:, None]], 1)
+        mask = torch.cat([mask, mask.new_ones(len(idx), 1)], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+
+
 @torch.inference_mode()
 def generate_tokens(model, prompts, max_new_tokens=50, temperature=1.0,
                     top_k=None, top_p=None, repetition_penalty=1.0,
-                    seed=None, use_cache=True, pad_id=0):
+                    seed=None, use_cache=True, pad_id=0, compile=False,
+                    prefill_model=None):
     "Yield the next token of every prompt (B,), one step at a time."
     check_max_new_tokens(max_new_tokens)
     check_sampling(temperature, top_k, top_p, repetition_penalty)
@@ -155,27 +206,33 @@ def generate_tokens(model, prompts, max_new_tokens=50, temperature=1.0,
         g.seed()  # a fresh random seed
     else:
         g.manual_seed(seed)
-    cache = [KVCache(B, c.n_kv_head, L + max_new_tokens, c.head_dim,
-                     next(model.parameters()).dtype, device)
-             for _ in range(c.n_layer)] if use_cache else None
-    padded = not bool(mask.all())  # no mask needed when nothing is padded
-    with eval_mode(model):
-        logits, _ = model(idx, cache=cache, positions=pos,
-                          pad_mask=mask if padded else None)
-        for _ in range(max_new_tokens):
-            last = penalize_repeats(logits[:, -1], idx, repetition_penalty,
-                                    mask)
-            tok = next_token(last, temperature, top_k, top_p, g)  # (B,)
+
+    def choose(logits, seen, real):  # on the device: no copy to the host
+        logits = penalize_repeats(logits, seen, repetition_penalty, real)
+        return next_token(logits, temperature, top_k, top_p, g)  # (B,)
+    with eval_mode(model), eval_mode(prefill_model or model):
+        if not use_cache:
+            yield from _recompute(model, idx, mask, pos, max_new_tokens,
+                                  choose)
+            return
+        S = L + max_new_tokens
+        dtype = next(model.parameters()).dtype
+        cache = [StaticKVCache(B, c.n_kv_head, S, c.head_dim, dtype, device)
+                 for _ in range(c.n_layer)]
+        full = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
+        step = compiled_forward_last() if compile else forward_last
+        logits = forward_last(prefill_model or model, idx, cache, pos, full)
+        pos = pos[:, -1:]                                   # (B, 1)
+        for i in range(max_new_tokens):
+            tok = choose(logits, idx, mask)
             yield tok
-            idx = torch.cat([idx, tok[:, None]], 1)
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
-            pad_mask = mask if padded else None
-            if use_cache:
-                logits, _ = model(tok[:, None], cache=cache,
-                                  positions=pos[:, -1:], pad_mask=pad_mask)
-            else:  # recompute everything: the quadratic baseline
-                logits, _ = model(idx, positions=pos, pad_mask=pad_mask)
+            if i == max_new_tokens - 1:
+                break  # no forward pass for logits nobody reads
+            if repetition_penalty != 1.0:  # keep what was said
+                idx = torch.cat([idx, tok[:, None]], 1)
+                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            pos = pos + 1
+            logits = step(model, tok[:, None], cache, pos, full)
 
 # %% ../nbs/07_inference.ipynb #8b1cc745
 #| echo: false
@@ -198,24 +255,33 @@ def fit_prompt(ids, block_size, max_new_tokens, truncate=False):
     return list(ids[-room:]), len(ids) - room
 
 
+def _cut(row, stop):
+    "`row` up to its first token in `stop`."
+    return next((row[:i] for i, t in enumerate(row) if t in stop), row)
+
+
 def generate(model, prompts, max_new_tokens=50, stop_tokens=(),
              truncate=False, **kwargs):
     "New token ids for each prompt, cut at the first of `stop_tokens`."
     n = model.config.block_size
     prompts = [fit_prompt(p, n, max_new_tokens, truncate)[0]
                for p in prompts]
-    out = [[] for _ in prompts]
-    done = [False] * len(prompts)
     stop = set(stop_tokens)
-    for tok in generate_tokens(model, prompts, max_new_tokens, **kwargs):
-        for b, t in enumerate(tok.tolist()):
-            if not done[b]:
-                done[b] = t in stop
-                if not done[b]:
-                    out[b].append(t)
-        if all(done):
-            break
-    return out
+    device = next(model.parameters()).device
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
+    every = 1 if device.type == 'cpu' else 16  # a GPU check waits for it
+    steps, done = [], torch.zeros(len(prompts), dtype=torch.bool,
+                                  device=device)
+    for i, tok in enumerate(generate_tokens(model, prompts, max_new_tokens,
+                                            **kwargs)):
+        steps.append(tok)
+        if stop:
+            done |= torch.isin(tok, stop_ids)
+            if (i + 1) % every == 0 and bool(done.all()):
+                break
+    if not steps:
+        return [[] for _ in prompts]
+    return [_cut(row, stop) for row in torch.stack(steps, 1).tolist()]
 
 # %% ../nbs/07_inference.ipynb #d0eb12cb
 #| echo: false
@@ -304,6 +370,120 @@ def time_per_token(model, n_tokens, use_cache, prompt_len=8):
         times.append(t1 - t0)
         t0 = t1
     return times
+
+# %% ../nbs/07_inference.ipynb #02891c68
+def _best_seconds(fn, repeats, device):
+    "The shortest of `repeats` timed calls of `fn`."
+    best = float('inf')
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.cache
+def _bandwidth(device, threads, n_bytes, repeats):
+    n = n_bytes // 4
+    a, b, c = (torch.ones(n, device=device) for _ in range(3))
+    seconds = {
+        'copy': (2, lambda: a.copy_(b)),
+        'triad': (3, lambda: torch.add(b, c, alpha=3.0, out=a)),
+        'read': (1, lambda: b.sum())}
+    got = {k: m * n_bytes / _best_seconds(f, repeats, device)
+           for k, (m, f) in seconds.items()}
+    return dict(got, best=max(got.values()))
+
+
+def memory_bandwidth(device='cpu', n_bytes=2**28, repeats=5,
+                     cached=True):
+    "Bytes/s of a streaming copy, triad and read, and the best of them."
+    measure = _bandwidth if cached else _bandwidth.__wrapped__
+    return measure(torch.device(device), torch.get_num_threads(), n_bytes,
+                   repeats)
+
+
+def weight_bytes(model):
+    "Bytes of the model's weights (tied ones once): read every step."
+    seen = {}
+    for t in model.state_dict().values():
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def step_bytes(model, batch_size=1, context=0):
+    "Bytes a decode step reads: the weights, and `context` cached tokens."
+    c = model.config
+    size = next(model.parameters()).element_size()  # the cache's type
+    return weight_bytes(model) + kv_cache_bytes(
+        c.n_layer, c.n_kv_head, c.head_dim, context, batch_size, size)
+
+
+def decode_speed(model, seconds_per_step, batch_size=1, context=0,
+                 bandwidth=None):
+    "Tokens/s, GB/s read, share of the bandwidth, and the ceiling."
+    nbytes = step_bytes(model, batch_size, context)
+    bw = bandwidth or memory_bandwidth(next(model.parameters()).device)
+    bw = bw['best'] if isinstance(bw, dict) else bw
+    return dict(tokens_per_s=batch_size / seconds_per_step,
+                gb_per_s=nbytes / seconds_per_step / 1e9,
+                of_bandwidth=nbytes / seconds_per_step / bw,
+                ceiling=batch_size * bw / nbytes)
+
+# %% ../nbs/07_inference.ipynb #d49debf7
+@functools.cache
+def compiled_forward_last():
+    "`forward_last` under `torch.compile` (compiled once per shape)."
+    return torch.compile(forward_last)
+
+
+@functools.cache
+def _matmul_seconds(dtype, device, threads, n=512, k=768):
+    a = torch.randn(n, k, device=device).to(dtype)
+    w = torch.randn(4 * k, k, device=device).to(dtype)
+    a @ w.T  # the first call may set things up
+    return _best_seconds(lambda: a @ w.T, 3, device)
+
+
+def fast_matmul(dtype, device='cpu'):
+    "Whether a prefill-sized matmul in `dtype` is as fast as in fp32 here."
+    device, t = torch.device(device), torch.get_num_threads()
+    return (_matmul_seconds(dtype, device, t)
+            <= _matmul_seconds(torch.float32, device, t))
+
+
+def phase_models(model, dtype=torch.bfloat16):
+    "(decode model, prefill model): `dtype` weights, fp32 prefill if slow."
+    decode = copy.deepcopy(model).to(dtype).eval()
+    device = next(model.parameters()).device
+    return decode, decode if fast_matmul(dtype, device) else model
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_generation(model, prompts, n_new, repeats=3, **kwargs):
+    "(s to the first token, s per later step), best of `repeats` runs."
+    device = next(model.parameters()).device
+    first = step = float('inf')
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        steps = generate_tokens(model, prompts, n_new, temperature=0,
+                                **kwargs)
+        next(steps)
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in steps:
+            pass
+        _sync(device)
+        t2 = time.perf_counter()
+        first = min(first, t1 - t0)
+        step = min(step, (t2 - t1) / max(n_new - 1, 1))
+    return first, step
 
 # %% ../nbs/07_inference.ipynb #95986a9f
 #| echo: false

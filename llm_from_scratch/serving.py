@@ -141,7 +141,8 @@ class TextOut:
     def close(self):
         "The text held back, once the answer ends without a stop string."
         rest, self.held = self.held + self.utf8.decode(b'', final=True), ''
-        return split_at_stop(rest, self.stop)[0]
+        shown, held, _ = split_at_stop(rest, self.stop)
+        return shown + held  # nothing follows: a stop's beginning is text
 
 # %% ../nbs/11_serving.ipynb #a8149263
 _ids = itertools.count()
@@ -201,7 +202,8 @@ def _emit(self: Engine, slot, logits):
                    r.generator).item()
     r.tokens.append(t)
     self.last[slot] = t
-    if t in r.stop_tokens:
+    if t in r.stop_tokens:  # what was held back was no stop string
+        self._send(r, r.out.close())
         return self._finish(slot, 'stop')
     piece, stopped = r.out.add(t)
     self._send(r, piece)
@@ -299,10 +301,20 @@ def _loop(self: Engine):
         except queue.Empty:
             r = None
         while r is not None:
-            self.add(r)
+            self._safe_add(r)
             r = self.inbox.get_nowait() if not self.inbox.empty() else None
         if self.busy:
             self._safe_step()
+
+
+@patch
+def _safe_add(self: Engine, r):
+    "Queue `r`; if that fails, end it alone with an error, go on."
+    try:
+        self.add(r)
+    except Exception as e:
+        r.error, r.finish = f'{type(e).__name__}: {e}', 'error'
+        self._send(r, '', 'error')
 
 
 @patch
@@ -345,15 +357,26 @@ def _number(body, name, default, lo, hi):
     return float(v)
 
 
-def _whole(body, name, lo=None):
-    "body[name] as a whole number >= lo, or None when absent."
+def _whole(body, name, lo=None, hi=None):
+    "body[name] as a whole number in [lo, hi], or None when absent."
     v = body.get(name)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int)
-                          or lo is not None and v < lo):
-        raise BadRequest(f'{name} must be a whole number'
-                         f'{f" >= {lo}" if lo is not None else ""}, '
+                          or lo is not None and v < lo
+                          or hi is not None and v > hi):
+        within = f' from {lo} to {hi}' if hi is not None else \
+            f' >= {lo}' if lo is not None else ''
+        raise BadRequest(f'{name} must be a whole number{within}, '
                          f'not {v!r}', name)
     return v
+
+
+def _temperature(body):
+    "temperature: 0 (greedy), or from 0.001 to 2."
+    t = _number(body, 'temperature', 1.0, 0, 2)
+    if 0 < t < 1e-3:  # logits / t would overflow to infinity
+        raise BadRequest(f'temperature must be 0 (greedy) or from 0.001 '
+                         f'to 2, not {t!r}', 'temperature')
+    return t
 
 
 def _stops(body):
@@ -442,9 +465,10 @@ def parse_request(body, kind, tok, block_size, name):
         stop_ids, stop = _eot(tok), ()
     n = _max_tokens(body, len(ids), block_size, kind)
     req = Request(ids, n,
-                  _number(body, 'temperature', 1.0, 0, 2),
+                  _temperature(body),
                   _number(body, 'top_p', 1.0, 1e-9, 1),
-                  stop + _stops(body), stop_ids, _whole(body, 'seed'))
+                  stop + _stops(body), stop_ids,
+                  _whole(body, 'seed', 0, 2**64 - 1))
     return req, bool(body.get('stream')), _include_usage(body)
 
 # %% ../nbs/11_serving.ipynb #a8cfb603
@@ -594,7 +618,7 @@ async def _read_json(http):
             raise BadRequest(f'the request body is over {MAX_BODY:,} bytes')
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise BadRequest(f'the request body is not valid JSON: {e}') \
             from None
 

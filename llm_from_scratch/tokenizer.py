@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['GPT2_PATTERN', 'GPT4_PATTERN', 'MAX_TOKEN_BYTES', 'MAX_VOCAB_BYTES', 'SPECIAL_TOKENS', 'FORMAT', 'FORMAT_VERSION',
            'LLAMA3_PATTERN', 'KNOWN_PATTERNS', 'corpus_files', 'load_corpus', 'get_stats', 'merge', 'best_pair',
-           'train_naive', 'train_fast', 'bpe', 'merges_to_ranks', 'Tokenizer', 'bytes_to_unicode', 'plot_tokens']
+           'train_naive', 'merge_chunk', 'train_fast', 'bpe', 'merges_to_ranks', 'Tokenizer', 'bytes_to_unicode',
+           'plot_tokens']
 
 # %% ../nbs/01_tokenizer.ipynb #e5dabdbe
 #| echo: false
@@ -101,6 +102,27 @@ def train_naive(text, n_merges, pattern=GPT4_PATTERN):
         chunks = [merge(ids, pair, 256 + k) for ids in chunks]
     return merges
 
+# %% ../nbs/01_tokenizer.ipynb #6dcfca28
+def merge_chunk(ids, pair, idx, n, stats):
+    "Merge `pair` in `ids` in place, moving its neighbours' counts by `n`."
+    a, b = pair
+    born, i = [], 0  # born: the pairs the merge creates
+    while i < len(ids) - 1:
+        if ids[i] == a and ids[i + 1] == b:
+            if i > 0:  # (left, a) becomes (left, idx)
+                left = ids[i - 1]
+                stats[left, a] -= n
+                stats[left, idx] += n
+                born.append((left, idx))
+            if i + 2 < len(ids):  # (b, right) becomes (idx, right)
+                right = ids[i + 2]
+                stats[b, right] -= n
+                stats[idx, right] += n
+                born.append((idx, right))
+            ids[i:i + 2] = [idx]
+        i += 1
+    return born
+
 # %% ../nbs/01_tokenizer.ipynb #a740fa96
 def train_fast(text, n_merges, pattern=GPT4_PATTERN):
     "Learn the same merges as `train_naive`, updating counts incrementally."
@@ -115,28 +137,23 @@ def train_fast(text, n_merges, pattern=GPT4_PATTERN):
     heap = [(-c, pair) for pair, c in stats.items()]
     heapq.heapify(heap)
     merges = {}
-    while len(merges) < n_merges:
-        while heap and stats.get(heap[0][1], 0) != -heap[0][0]:
-            heapq.heappop(heap)  # stale: the count changed since the push
-        if not heap:
-            break
-        pair, idx = heapq.heappop(heap)[1], 256 + len(merges)
+    while heap and len(merges) < n_merges:
+        count, pair = heapq.heappop(heap)
+        if -count != stats[pair]:  # stale: the pair lost count
+            if stats[pair] > 0:
+                heapq.heappush(heap, (-stats[pair], pair))
+            continue
+        idx = 256 + len(merges)
         merges[pair] = idx
-        changed = set()
+        born = defaultdict(set)  # new pair -> the chunks it is born in
         for i in where.pop(pair):
-            for p in zip(seqs[i], seqs[i][1:]):  # take the chunk out...
-                stats[p] -= freq[i]
-                changed.add(p)
-            seqs[i] = merge(seqs[i], pair, idx)
-            for p in zip(seqs[i], seqs[i][1:]):  # ...and put it back
-                stats[p] += freq[i]
-                where[p].add(i)
-                changed.add(p)
-        for p in changed:
+            for p in merge_chunk(seqs[i], pair, idx, freq[i], stats):
+                born[p].add(i)
+        del stats[pair]
+        for p, chunks in born.items():
+            where[p] = chunks
             if stats[p] > 0:
                 heapq.heappush(heap, (-stats[p], p))
-            else:
-                del stats[p]
     return merges
 
 # %% ../nbs/01_tokenizer.ipynb #23060049

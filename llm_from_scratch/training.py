@@ -482,10 +482,10 @@ def _load_old(path, model, resuming):
     "The weights of a version-2 checkpoint; it cannot be resumed."
     if resuming:
         raise ValueError(
-            f'{path} was written by an older llm_from_scratch (one '
-            f'model.safetensors and a pickled optim.pt, which this version '
-            f'does not read): its weights load, but a run cannot resume '
-            f'from it. Start a new run from them with init_from={path}')
+            f'{path} holds weights to start from, not a run to resume (an '
+            f'exported model, or a checkpoint of an older llm_from_scratch '
+            f'whose pickled optim.pt this version does not read). Start a '
+            f'new run from its weights with init_from={path}')
     load_model(model, str(path / 'model.safetensors'))
 
 

@@ -260,6 +260,28 @@ def test_export_both_formats(run_dir, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_export_gguf(run_dir, tmp_path):
+    import gguf
+    r = run('export', run_dir, tmp_path / 'm.gguf', '--format', 'gguf',
+            '--type', 'q8_0')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f'wrote {tmp_path / "m.gguf"} (')
+    g = gguf.GGUFReader(tmp_path / 'm.gguf')
+    assert g.get_field('general.architecture').contents() == 'gpt2'
+    assert g.get_field('general.name').contents() == run_dir.name
+    assert g.get_field('general.file_type').contents() == \
+        gguf.LlamaFileType.MOSTLY_Q8_0
+    assert g.tensors[0].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    r = run('export', run_dir, tmp_path / 'm.gguf', '--format', 'gguf')
+    assert r.returncode == 1 and 'exists' in r.stderr, r.stderr
+    r = run('export', run_dir, tmp_path / 'hf', '--type', 'f16')
+    assert r.returncode == 1 and '--format gguf' in r.stderr, r.stderr
+    assert not (tmp_path / 'hf').exists()
+    r = run('export', run_dir, tmp_path / 'x.gguf', '--format', 'gguf',
+            '--type', 'q4_0')
+    assert r.returncode == 2 and 'invalid choice' in r.stderr
+
+
 def test_files_follow_the_umask(run_dir, tmp_path):
     old = os.umask(0o022)
     try:

@@ -440,3 +440,110 @@ def test_a_classifier_does_not_generate():
                        tie_weights=False))
     with pytest.raises(ValueError, match='classifier .3 classes.'):
         generate(model, [[1, 2, 3]], max_new_tokens=2)
+
+
+# -- fast decoding: static cache, no wasted work, compile, bandwidth ---------
+
+def test_static_cache_matches_the_full_pass_at_every_step():
+    "forward_last with StaticKVCache, step by step == the whole sequence."
+    model = model_of('tiny-llama', n_kv_head=1)
+    c = model.config
+    idx, mask, pos = left_pad(PROMPTS)
+    B, L = idx.shape
+    cache = [generation.StaticKVCache(B, c.n_kv_head, L + 6, c.head_dim)
+             for _ in range(c.n_layer)]
+    full = torch.cat([mask, mask.new_ones(B, 6)], 1)
+    seqs = [list(p) for p in PROMPTS]
+    with torch.no_grad():
+        logits = generation.forward_last(model, idx, cache, pos, full)
+        for step in range(6):
+            assert isinstance(cache[0].pos, torch.Tensor)
+            assert cache[0].pos.item() == L + step
+            for b, seq in enumerate(seqs):
+                alone, _ = model(torch.tensor([seq]))
+                assert torch.allclose(logits[b], alone[0, -1], atol=1e-5)
+            tok = logits.argmax(-1)
+            for b, seq in enumerate(seqs):
+                seq.append(tok[b].item())
+            pos = pos[:, -1:] + 1 if step == 0 else pos + 1
+            logits = generation.forward_last(model, tok[:, None], cache,
+                                             pos, full)
+
+
+def test_no_wasted_work(monkeypatch):
+    "One prefill + n - 1 steps; logits of one position; no host copies."
+    model = model_of('tiny')
+    calls, head_rows = [], []
+    real = generation.forward_last
+    monkeypatch.setattr(generation, 'forward_last',
+                        lambda *a: calls.append(a[1].shape) or real(*a))
+    model.lm_head.register_forward_hook(
+        lambda m, i, o: head_rows.append(i[0].shape))
+    for n in (1, 5):
+        calls.clear()
+        head_rows.clear()
+        out = generate(model, PROMPTS, n, temperature=0)
+        assert [len(r) for r in out] == [n] * 3
+        assert calls == [(3, 7)] + [(3, 1)] * (n - 1)  # prefill, steps
+        C = model.config.n_embd
+        assert head_rows == [(3, C)] * n  # (B, C): last position only
+    steps = generate_tokens(model, PROMPTS, 4, temperature=0.8, seed=1)
+    assert all(t.device == torch.device('cpu') and t.shape == (3,)
+               for t in steps)
+
+
+def test_stop_tokens_cut_each_row():
+    model = model_of('tiny-llama')
+    free = generate(model, PROMPTS, 12, temperature=0)
+    stop = free[0][4]
+    cut = generate(model, PROMPTS, 12, temperature=0, stop_tokens=[stop])
+    for f, c in zip(free, cut):
+        assert c == (f[:f.index(stop)] if stop in f else f)
+
+
+def test_compiled_decode_equals_eager_without_recompiling():
+    "torch.compile of the decode step: same tokens, one graph per shape."
+    model = model_of('tiny-llama')
+    eager = generate(model, PROMPTS, 10, temperature=0)
+    torch._dynamo.reset()
+    generation.compiled_forward_last.cache_clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = generate(model, PROMPTS, 10, temperature=0, compile=True)
+    assert compiled == eager
+    assert generate(model, PROMPTS, 10, temperature=0) == eager
+
+
+def test_bf16_decode_with_fp32_prefill():
+    "The first token comes from the prefill model; the cache is bf16."
+    model = model_of('tiny')
+    decode = model_of('tiny').to(torch.bfloat16)
+    first = next(generate_tokens(decode, PROMPTS, 3, temperature=0,
+                                 prefill_model=model))
+    idx, mask, pos = left_pad(PROMPTS)
+    with torch.no_grad():
+        logits, _ = model(idx, positions=pos, pad_mask=mask)
+    assert first.tolist() == logits[:, -1].argmax(-1).tolist()
+    out = generate(decode, PROMPTS, 6, temperature=0, prefill_model=model)
+    assert [len(r) for r in out] == [6] * 3
+    d, p = generation.phase_models(model)
+    assert next(d.parameters()).dtype == torch.bfloat16
+    assert p is d or p is model
+    assert next(model.parameters()).dtype == torch.float32  # left alone
+
+
+def test_bandwidth_and_decode_speed_arithmetic():
+    bw = generation.memory_bandwidth(n_bytes=2**22, repeats=2)
+    assert set(bw) == {'copy', 'triad', 'read', 'best'}
+    assert 0 < bw['copy'] <= bw['best'] and bw['triad'] <= bw['best']
+    assert generation.memory_bandwidth(n_bytes=2**22, repeats=2) is bw
+    model = model_of('tiny')
+    c = model.config
+    w = sum(p.numel() * 4 for p in model.parameters())
+    assert generation.weight_bytes(model) == w
+    kv = 2 * c.n_layer * c.n_kv_head * c.head_dim * 10 * 2 * 4
+    assert generation.step_bytes(model, 2, 10) == w + kv
+    d = generation.decode_speed(model, 0.01, 2, 10, bandwidth=1e9)
+    assert d['tokens_per_s'] == pytest.approx(200)
+    assert d['gb_per_s'] == pytest.approx((w + kv) / 0.01 / 1e9)
+    assert d['of_bandwidth'] == pytest.approx((w + kv) / 0.01 / 1e9)
+    assert d['ceiling'] == pytest.approx(2 * 1e9 / (w + kv))

@@ -103,3 +103,16 @@ def test_no_gpu_refused(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path,
                        env={**os.environ, 'OUT': str(tmp_path / 'o')})
     assert r.returncode == 2 and '--dry' in r.stderr
+
+
+def test_a_folder_of_other_files_is_refused(tmp_path):
+    "OUT holding someone's files: refused, nothing in it touched."
+    logs = tmp_path / 'logs'
+    logs.mkdir()
+    (logs / 'mine.log').write_text('keep me')
+    r = subprocess.run(['bash', str(ROOT / 'benchmarks' / 'gpu.sh'),
+                        '--dry'], capture_output=True, text=True,
+                       env={**os.environ, 'OUT': str(tmp_path)})
+    assert r.returncode == 2 and 'new or empty folder' in r.stderr
+    assert (logs / 'mine.log').read_text() == 'keep me'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['logs']

@@ -166,6 +166,46 @@ def test_engine_joins_and_leaves_in_any_order(model, tok):
     assert all(s is None for s in engine.slots)
 
 
+def test_text_held_for_a_stop_string_is_sent_at_a_stop_token(model, tok):
+    "A stop token ends the answer: text held back is not lost with it."
+    def answer(seed, **stops):
+        r = Request([5, 6, 7], 2, temperature=1.0, seed=seed, **stops)
+        engine = Engine(model, tok, n_slots=1)
+        engine.add(r)
+        while engine.busy:
+            engine.step()
+        return r
+    for seed in range(200):
+        free = answer(seed).tokens
+        held = tok.decode(free[:1])
+        if free[1] != free[0] and held.strip() and held.isprintable() \
+                and '\ufffd' not in held:
+            break
+    else:
+        pytest.fail('no seed whose answer fits the case')
+    # the same sampled answer, where the first token's text looks like
+    # the start of a stop string and the second token is a stop token
+    r = answer(seed, stop=(held + '\x00',), stop_tokens=(free[1],))
+    assert r.finish == 'stop' and r.tokens == free
+    assert r.text == held
+
+
+def test_a_request_that_cannot_start_fails_alone(model, tok):
+    "A request the engine cannot take ends with an error; others go on."
+    engine = Engine(model, tok, n_slots=2).start()
+    try:
+        bad = engine.submit(Request([5, 6], 3, seed=2**64))
+        good = engine.submit(Request([5, 6], 3, temperature=0))
+        deadline = time.time() + 30
+        while good.finish is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert bad.finish == 'error' and 'seed' not in (bad.text or '')
+        assert bad.error and good.finish == 'length'
+        assert engine.thread.is_alive()
+    finally:
+        engine.close()
+
+
 # -- a client that goes away -------------------------------------------------
 
 def test_disconnect_mid_stream_frees_the_slot(slow):
@@ -212,6 +252,11 @@ BAD = {
     'empty stop string': dict(messages=user('Hi'), stop=''),
     'two answers': dict(messages=user('Hi'), n=2),
     'seed a float': dict(messages=user('Hi'), seed=1.5),
+    'seed beyond 64 bits': dict(messages=user('Hi'), seed=2**64),
+    'temperature that overflows': dict(messages=user('Hi'),
+                                       temperature=1e-45),
+    'JSON nested too deep': b'[' * 100_000 + b']' * 100_000,
+    'a 5,000-digit number': b'{"max_tokens": ' + b'9' * 5000 + b'}',
 }
 
 

@@ -4,15 +4,16 @@ import json
 import re
 import time
 import tracemalloc
+from collections import defaultdict
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm_from_scratch.tokenizer import (GPT2_PATTERN, SPECIAL_TOKENS,
-                                        Tokenizer, load_corpus,
-                                        merges_to_ranks, train_fast,
-                                        train_naive)
+                                        Tokenizer, get_stats, load_corpus,
+                                        merge, merge_chunk, merges_to_ranks,
+                                        train_fast, train_naive)
 
 
 @pytest.fixture(scope='module')
@@ -133,9 +134,27 @@ def test_naive_and_fast_trainers_agree(text, n):
     assert train_naive(text, n) == train_fast(text, n)
 
 
-def test_naive_and_fast_agree_on_shakespeare(corpus):
-    assert train_naive(corpus[:30_000], 60) == \
-        train_fast(corpus[:30_000], 60)
+@pytest.mark.parametrize('pattern', [None, GPT2_PATTERN])
+def test_naive_and_fast_agree_on_shakespeare(corpus, pattern):
+    args = (corpus[:30_000], 60) + ((pattern,) if pattern else ())
+    assert train_naive(*args) == train_fast(*args)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.integers(0, 3), max_size=30),
+       pair=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+       n=st.integers(1, 5))
+def test_merge_chunk_moves_counts_like_a_recount(ids, pair, n):
+    "Counts after `merge_chunk` equal a recount of the merged chunk."
+    stats = defaultdict(int, {p: n * c for p, c in get_stats(ids).items()})
+    merged = merge(ids, pair, 4)
+    born = merge_chunk(ids, pair, 4, n, stats)
+    assert ids == merged
+    stats.pop(pair, None)
+    assert {p: c for p, c in stats.items() if c} == \
+        {p: n * c for p, c in get_stats(merged).items()}
+    assert set(born) >= {p for p in zip(merged, merged[1:]) if 4 in p}
+    assert all(4 in p for p in born)
 
 
 # -- bad input ---------------------------------------------------------------

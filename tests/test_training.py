@@ -111,6 +111,24 @@ def wait_for_rows(run, n, proc, timeout=120):
     raise TimeoutError(f'{run} has fewer than {n} rows')
 
 
+def test_log_every_logs_the_same_run(data, tmp_path):
+    "log_every=3: fewer rows, each the mean (max norm) of its steps."
+    every = train(config(data, tmp_path / 'a'), progress=False)
+    third = train(config(data, tmp_path / 'b', log_every=3), progress=False)
+    # rows at steps 3 and 6, and at 4 and 8 where it evaluates and saves
+    assert [r['step'] for r in third] == [3, 4, 6, 8]
+    loss = {r['step']: r['loss'] for r in every}
+    norm = {r['step']: r['grad_norm'] for r in every}
+    for r, first in zip(third, (1, 4, 5, 7)):
+        steps = range(first, int(r['step']) + 1)
+        assert r['loss'] == pytest.approx(
+            sum(loss[s] for s in steps) / len(steps), rel=1e-6)
+        assert r['grad_norm'] == pytest.approx(max(norm[s] for s in steps),
+                                               rel=1e-6)
+    assert third[-1]['val_loss'] == pytest.approx(every[-1]['val_loss'],
+                                                  rel=1e-6)
+
+
 @pytest.mark.parametrize('dropout', [0.0, 0.1])
 def test_resume_is_exact(data, tmp_path, dropout):
     "8 steps straight == stop after 4, new process, resume: bit for bit."
@@ -317,7 +335,7 @@ def test_old_checkpoints_load_weights_but_never_resume(data, trained,
     shutil.copytree(trained, run)
     shutil.rmtree(run / 'checkpoints')
     shutil.copytree(ckpt.parent, run / 'checkpoints')
-    with pytest.raises(ValueError, match='cannot resume'):
+    with pytest.raises(ValueError, match='not a run to resume'):
         train(config(data, run), resume=True, progress=False)
     assert 'this ran' not in capsys.readouterr().out  # optim.pt never read
 
