@@ -3,9 +3,10 @@
 
 A GPT-2-124M-shaped model with random weights, greedy decoding of the same
 prompts by our `generate_tokens` (eager and `torch.compile`d, fp32 and bf16
-weights for the decode steps) and by `transformers`' `GPT2LMHeadModel.
-generate` holding the same weights (fp32 and bf16), at batch 1 and 8. The
-greedy tokens of ours and theirs in fp32 must be equal (asserted). Every
+weights for the decode steps; eager with chapter 12's int8 weights) and by
+`transformers`' `GPT2LMHeadModel.generate` holding the same weights (fp32
+and bf16), at batch 1 and 8. The greedy tokens of ours and theirs in fp32
+must be equal (asserted). Every
 decode figure is printed as tokens/s and as GB/s read (the weights once per
 step plus the cached keys and values of every sequence), beside the ceiling
 that this machine's measured memory bandwidth sets. Then a prefill of a
@@ -20,6 +21,7 @@ libraries.
 """
 import argparse
 import os
+from copy import deepcopy
 import platform
 import time
 
@@ -28,6 +30,7 @@ import torch
 from llm_from_scratch.generation import (decode_speed, fast_matmul,
                                          generate_tokens, memory_bandwidth,
                                          phase_models, step_bytes)
+from llm_from_scratch.quantization import quantize
 from llm_from_scratch.model import GPT, n_params, preset, to_hf
 
 
@@ -126,6 +129,9 @@ def main():
     fast = fast_matmul(torch.bfloat16, device)
     print(f'bf16 matmul {"as fast as" if fast else "slower than"} fp32 '
           f'here: bf16 prefill {"in bf16" if fast else "in fp32"}')
+    # chapter 12: int8 weights with a scale per row (the tied head stays
+    # in floating point), bf16 activations for torch's fused int8 kernel
+    int8 = quantize(deepcopy(fp32)).to(torch.bfloat16).eval()
     hf32 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         bos_token_id=0, eos_token_id=0)).to(device).eval()
     hf32.load_state_dict(to_hf(fp32, 'gpt2'), strict=False)
@@ -155,8 +161,9 @@ def main():
                      ('ours, bf16, compiled', bf16,
                       lambda k: ours(bf16, prompts, k, compile=True,
                                      prefill_model=prefill_model))]
-        # ('ours, int8 weights, compiled', ...): chapter 12's quantized
-        # model goes here, with step_bytes counting its int8 weights
+        rows += [('ours, int8 weights, bf16 in, eager', int8,
+                  lambda k: ours(int8, prompts, k,
+                                 prefill_model=prefill_model))]
         rows += [('transformers generate, fp32', fp32,
                   lambda k: theirs(hf32, prompts, k)),
                  ('transformers generate, bf16', bf16,
@@ -182,6 +189,10 @@ def main():
         same16 = sum(a == b for ra, rb in zip(
             tokens['ours, bf16, eager'], tokens['transformers generate, bf16'])
             for a, b in zip(ra, rb)) / (B * n)
+        same8 = sum(a == b for ra, rb in zip(
+            tokens['ours, int8 weights, bf16 in, eager'],
+            tokens['ours, fp32, eager']) for a, b in zip(ra, rb)) / (B * n)
+        print(f'int8: {same8:.0%} of greedy tokens equal to ours fp32')
         print(f'greedy tokens: ours fp32 (eager and compiled) == '
               f'transformers fp32; bf16: {same16:.0%} of tokens equal to '
               f"transformers' bf16 (rounding differs)")
