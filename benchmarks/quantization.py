@@ -21,43 +21,17 @@ one forward pass are from float32's (largest difference / largest logit).
 """
 import argparse
 import copy
-import os
-import platform
-import time
 import warnings
 
 import torch
 from torch import nn
 
+from llm_from_scratch.generation import memory_bandwidth
 from llm_from_scratch.model import GPT, preset
 from llm_from_scratch.quantization import (bytes_per_token, quantize,
                                            tokens_per_second)
 
-
-def machine():
-    "The processor's name, cores, torch threads and load, in a few words."
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'):
-                name = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
-    return (f'{name}, {os.cpu_count()} cores, {torch.get_num_threads()} '
-            f'torch threads, load average {load:.1f} at start, torch '
-            f'{torch.__version__}')
-
-
-def read_bandwidth(n_bytes=2**28, repeats=5):
-    "Bytes per second this machine reads: the best of `repeats` sums."
-    x, best = torch.ones(n_bytes // 4), float('inf')
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return n_bytes / best
+from generation import machine  # benchmarks/generation.py, beside this
 
 
 def torch_dynamic(model):
@@ -94,7 +68,7 @@ def main():
                     help='decode steps per run')
     ap.add_argument('--repeat', type=int, default=3, help='runs per line')
     args = ap.parse_args()
-    print(machine())
+    print(f'{machine()}, torch {torch.__version__}')
     torch.manual_seed(0)
     changes = {} if args.tied else dict(tie_weights=False)
     model = GPT(preset(args.model, **changes)).eval()
@@ -108,7 +82,7 @@ def main():
         print(f'torch quantize_dynamic does not work here: {why}')
     else:
         versions['torch quantize_dynamic (int8)'] = dyn
-    bandwidth = read_bandwidth()
+    bandwidth = memory_bandwidth()['read']
     print(f'{args.model} shapes, output head '
           f'{"tied (stays float)" if args.tied else "untied"}; read '
           f'bandwidth {bandwidth / 1e9:.1f} GB/s; {args.tokens} decode steps,'
