@@ -305,18 +305,22 @@ def _report(stats):
 # %% ../nbs/90_cli.ipynb #76be0f8b
 def export_command(
     checkpoint: str,  # run, checkpoint, export or Hugging Face folder
-    out: str,  # new folder (ours, hf) or new .gguf file (gguf)
-    format: str = 'ours',  # ours, hf (Hugging Face) or gguf (llama.cpp)
+    out: str,  # new folder (ours, hf, int8) or new .gguf file (gguf)
+    format: str = 'ours',  # ours, hf, gguf (llama.cpp) or int8 weights
     type: str = None,  # numbers in a gguf file (default: f32)
 ):
     "Write a model as a folder that stands alone, or a GGUF file."
+    if type is not None and format != 'gguf':
+        raise ValueError(f'--type sets the numbers of a GGUF file: '
+                         f'use it with --format gguf, not {format}')
     if format == 'gguf':
         path = _export_gguf(checkpoint, out, type or 'f32')
         size = path.stat().st_size
+    elif format == 'int8':  # chapter 12
+        from llm_from_scratch.quantization import export_int8
+        path = export_int8(checkpoint, out)
+        size = sum(f.stat().st_size for f in path.parent.iterdir())
     else:
-        if type is not None:
-            raise ValueError(f'--type sets the numbers of a GGUF file: '
-                             f'use it with --format gguf, not {format}')
         from llm_from_scratch.distributed import export_checkpoint
         path = Path(export_checkpoint(checkpoint, out, format=format))
         size = sum(f.stat().st_size for f in path.parent.iterdir())
@@ -890,11 +894,11 @@ def _report_files(out, overwrite):
 
 def _write_report(files, report, text):
     "Write both files, each whole (through a temporary file) or not at all."
-    from llm_from_scratch.evaluation import _write_whole
+    from llm_from_scratch.evaluation import write_whole
     files[0].parent.mkdir(parents=True, exist_ok=True)
-    _write_whole(files[0], json.dumps(_finite(report), indent=1,
+    write_whole(files[0], json.dumps(_finite(report), indent=1,
                                       ensure_ascii=False) + '\n')
-    _write_whole(files[1], text + '\n')
+    write_whole(files[1], text + '\n')
 
 
 def _finite(x):
@@ -916,7 +920,7 @@ COMMANDS = {'prepare': prepare_command, 'train': train_command,
             'verify': verify_command}
 CHOICES = {'precision': ('auto', 'fp32', 'bf16'),
            'parallel': ('ddp', 'fsdp'), 'errors': ('strict', 'replace'),
-           'format': ('ours', 'hf', 'gguf'),
+           'format': ('ours', 'hf', 'gguf', 'int8'),
            'dtype': ('fp32', 'bf16', 'fp16'),
            'type': ('f32', 'f16', 'bf16', 'q8_0')}
 
@@ -965,6 +969,13 @@ def _message(e):
     return str(text).strip() or type(e).__name__
 
 
+def _lenders():
+    "Import the chapters that lend chapter 5's loop their functions."
+    import llm_from_scratch.finetuning  # noqa: F401 (chat, classes)
+    import llm_from_scratch.lora  # noqa: F401 (adapters)
+    import llm_from_scratch.quantization  # noqa: F401 (int8 folders)
+
+
 def main(argv=None):
     "Entry point of the `llm-from-scratch` program; returns the exit code."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -982,6 +993,8 @@ def main(argv=None):
     args = vars(build_parser(name).parse_args(argv[1:]))
     debug = args.pop('debug')
     try:
+        if name not in ('prepare', 'verify'):  # these load no model
+            _lenders()
         COMMANDS[name](**args)
     except KeyboardInterrupt:
         print(f'llm-from-scratch {name}: interrupted', file=sys.stderr)

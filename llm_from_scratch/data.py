@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['MAGIC', 'SHARD_VERSION', 'HEADER', 'META_FORMAT', 'Doc', 'play_lines', 'play_documents', 'shakespeare',
-           'expand_paths', 'read_documents', 'hf_documents', 'normalize', 'QualityRules', 'quality_problem',
-           'dup_line_chars', 'exact_key', 'shingles', 'MinHasher', 'jaccard', 'near_duplicates', 'clean_documents',
-           'split_documents', 'token_dtype', 'write_shard', 'read_shard', 'write_split', 'prepare_data', 'FolderInUse',
-           'lock_folder', 'load_split', 'load_tokenizer', 'verify_data', 'BatchLoader']
+           'expand_paths', 'read_documents', 'hf_documents', 'import_datasets', 'normalize', 'QualityRules',
+           'quality_problem', 'dup_line_chars', 'exact_key', 'shingles', 'MinHasher', 'jaccard', 'near_duplicates',
+           'clean_documents', 'split_documents', 'token_dtype', 'write_shard', 'read_shard', 'write_split', 'id_dtype',
+           'file_sha256', 'prepare_data', 'new_metadata', 'building_folder', 'FolderInUse', 'lock_folder',
+           'replaced_files', 'load_split', 'load_tokenizer', 'verify_data', 'BatchLoader']
 
 # %% ../nbs/02_data.ipynb #bae1284d
 #| echo: false
@@ -179,7 +180,7 @@ def _may_skip(f, skip_empty):
 def hf_documents(path, split='train', text_field='text', limit=None,
                  streaming=True, **kwargs):
     "Documents from a Hugging Face dataset (a hub name or local files)."
-    datasets = _import_datasets()  # an optional extra
+    datasets = import_datasets()  # an optional extra
     ds = datasets.load_dataset(path, split=split, streaming=streaming,
                                **kwargs)
     for i, row in enumerate(ds):
@@ -190,7 +191,7 @@ def hf_documents(path, split='train', text_field='text', limit=None,
 
 # %% ../nbs/02_data.ipynb #fa58a126
 #| echo: false
-def _import_datasets():
+def import_datasets():
     "The `datasets` package, or an error that says how to install it."
     try:
         import datasets
@@ -503,7 +504,7 @@ def write_split(docs, tok_path, folder, split, shard_tokens=2**24,
                 processes=1, dtype=None, progress=False):
     "Tokenize `docs` into shards `{split}_NNNNNN.bin` under `folder`."
     _check_shard_tokens(shard_tokens)
-    dtype = _id_dtype(Tokenizer.load(tok_path), dtype)
+    dtype = id_dtype(Tokenizer.load(tok_path), dtype)
     folder = Path(folder)
     shards, buf, n_buf = [], [], 0
 
@@ -515,7 +516,7 @@ def write_split(docs, tok_path, folder, split, shard_tokens=2**24,
             name = f'{split}_{len(shards):06d}.bin'
             write_shard(folder / name, take, dtype)
             shards.append(dict(file=name, tokens=len(take),
-                               sha256=_sha256(folder / name)))
+                               sha256=file_sha256(folder / name)))
             buf, n_buf = [flat[shard_tokens:]], len(flat) - len(take)
     bar = _progress(len(docs), f'{split} documents', progress)
     for ids in _encode_all(docs, tok_path, processes):
@@ -532,7 +533,7 @@ def write_split(docs, tok_path, folder, split, shard_tokens=2**24,
 
 # %% ../nbs/02_data.ipynb #3e031341
 #| echo: false
-def _id_dtype(tok, dtype=None):
+def id_dtype(tok, dtype=None):
     "The shard dtype for every id `tok` can produce, gaps included."
     return token_dtype(max([*tok.vocab, *tok.special_ids]) + 1, dtype)
 
@@ -545,7 +546,7 @@ def _check_shard_tokens(shard_tokens):
                          f'{shard_tokens!r}')
 
 
-def _sha256(path):
+def file_sha256(path):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
@@ -573,15 +574,15 @@ def prepare_data(docs, out, vocab_size=8192, tokenizer=None,
     "Clean, split, tokenize and shard `docs` into folder `out`."
     _check_settings(docs, val_fraction, shard_tokens)
     out = Path(out).expanduser().resolve()  # `..`, `.` and links resolved
-    _replaced_files(out, overwrite)  # refuse before leaving any trace
-    with lock_folder(out), _building(out, overwrite) as tmp:
+    replaced_files(out, overwrite)  # refuse before leaving any trace
+    with lock_folder(out), building_folder(out, overwrite) as tmp:
         kept, report = clean_documents(docs, seed=seed)
         train, val = _split(kept, val_fraction, seed)
         tok = Tokenizer.load(tokenizer) if tokenizer else \
             Tokenizer.train('\n\n'.join(d.text for d in train),
                             vocab_size, name=out.name)
         tok.save(tmp / 'tokenizer.json')
-        meta = _new_metadata(tok, tmp / 'tokenizer.json', source, seed,
+        meta = new_metadata(tok, tmp / 'tokenizer.json', source, seed,
                              report)
         for name, part in [('train', train), ('val', val)]:
             meta['splits'][name] = write_split(
@@ -595,20 +596,20 @@ def prepare_data(docs, out, vocab_size=8192, tokenizer=None,
 META_FORMAT = 'llm_from_scratch.tokens'
 
 
-def _new_metadata(tok, tok_path, source, seed, report):
+def new_metadata(tok, tok_path, source, seed, report):
     "The metadata of a prepared folder, before its splits are written."
     return dict(format=META_FORMAT, version=1, source=source,
                 tokenizer=dict(file=tok_path.name, name=tok.name,
                                vocab_size=tok.vocab_size,
-                               sha256=_sha256(tok_path)),
-                dtype=str(_id_dtype(tok)), seed=seed,
+                               sha256=file_sha256(tok_path)),
+                dtype=str(id_dtype(tok)), seed=seed,
                 cleaning=[list(r) for r in report], splits={})
 
 
 @contextmanager
-def _building(out, overwrite):
+def building_folder(out, overwrite):
     "A new folder beside `out` to fill; it replaces `out` if all goes well."
-    old = _replaced_files(out, overwrite)  # again, now that we hold it
+    old = replaced_files(out, overwrite)  # again, now that we hold it
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.tmp-'))
     try:
         yield tmp
@@ -702,7 +703,7 @@ def _split(kept, val_fraction, seed):
     return train, val
 
 
-def _replaced_files(out, overwrite):
+def replaced_files(out, overwrite):
     "The files of an earlier `prepare_data` in `out` that may be replaced."
     if not out.exists():
         return []
@@ -869,7 +870,7 @@ def _check_listed(tokens, s, meta, path, meta_path):
 
 
 def _check_sha256(path, expected, meta_path):
-    if _sha256(path) != expected:
+    if file_sha256(path) != expected:
         raise ValueError(f'{path}: its checksum differs from the one in '
                          f'{meta_path}, so the file was changed or '
                          f'damaged; prepare the data again')

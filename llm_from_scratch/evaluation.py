@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['HELD_OUT', 'HUB', 'SETTINGS', 'PLAY_TASKS', 'split_plays', 'windows', 'token_logprobs', 'lm_scores', 'bits_per_byte',
            'encode_pair', 'continuation_logprobs', 'score_item', 'centred', 'Task', 'write_task', 'read_task',
-           'hellaswag_item', 'arc_item', 'mmlu_item', 'load_task', 'next_word_task', 'next_line_task', 'evaluate_task',
-           'mean_stderr', 'generate_answers', 'cut_at', 'extract', 'same_answer', 'gsm8k_item', 'complete_word_task',
-           'evaluate_generative', 'pass_at_k', 'contamination', 'ngram_hashes', 'split_results', 'to_lm_eval',
-           'task_evals', 'check_task_fits']
+           'write_whole', 'hellaswag_item', 'arc_item', 'mmlu_item', 'load_task', 'next_word_task', 'next_line_task',
+           'evaluate_task', 'mean_stderr', 'generate_answers', 'cut_at', 'extract', 'same_answer', 'gsm8k_item',
+           'complete_word_task', 'evaluate_generative', 'pass_at_k', 'contamination', 'ngram_hashes', 'split_results',
+           'to_lm_eval', 'task_evals', 'check_task_fits']
 
 # %% ../nbs/10_evaluation.ipynb #dbf249a4
 #| echo: false
@@ -202,7 +202,7 @@ def write_task(task, path, overwrite=False, settings=True):
     if settings and _settings(task):  # a first line, when not the default
         lines.insert(0, json.dumps(dict(settings=_settings(task)),
                                    ensure_ascii=False))
-    _write_whole(path, '\n'.join(lines) + '\n')
+    write_whole(path, '\n'.join(lines) + '\n')
     return path
 
 
@@ -228,7 +228,7 @@ def _new_file(path, overwrite):
     return path
 
 
-def _write_whole(path, text):
+def write_whole(path, text):
     "Write `text` to `path` through a temporary file: whole or untouched."
     tmp = path.with_name(f'.{path.name}.tmp')
     tmp.write_text(text, encoding='utf-8')
@@ -445,8 +445,8 @@ def _read_rows(path):
 
 def _hub_rows(hub, config, split, **kwargs):
     "Rows of a dataset through the `datasets` library (hub: a network)."
-    from llm_from_scratch.data import _import_datasets
-    return _import_datasets().load_dataset(hub, config, split=split,
+    from llm_from_scratch.data import import_datasets
+    return import_datasets().load_dataset(hub, config, split=split,
                                            **kwargs)
 
 # %% ../nbs/10_evaluation.ipynb #c3fafad7
@@ -860,7 +860,7 @@ def to_lm_eval(task, folder, overwrite=False):
         metric_list=[dict(metric=m, aggregation='mean',
                           higher_is_better=True)
                      for m in ('acc', 'acc_norm')])
-    _write_whole(path, json.dumps(spec, indent=1) + '\n')  # JSON is YAML
+    write_whole(path, json.dumps(spec, indent=1) + '\n')  # JSON is YAML
     return path
 
 

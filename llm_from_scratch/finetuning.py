@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import (BatchLoader, _building, _id_dtype,
-                                   _new_metadata, _replaced_files, _sha256,
-                                   load_split, lock_folder, shakespeare,
-                                   write_shard)
+from .data import (BatchLoader, building_folder,
+                                   file_sha256, id_dtype, load_split,
+                                   lock_folder, new_metadata,
+                                   replaced_files, shakespeare, write_shard)
 from .generation import eval_mode, generate
 from .model import GPT
 from .tokenizer import Tokenizer
-from .training import TrainConfig
+from .training import TrainConfig, extend
 
 # %% ../nbs/08_finetuning.ipynb #a7930717
 ROLES = ('system', 'user', 'assistant')
@@ -109,8 +109,8 @@ def read_chats(path):
 
 def hf_chats(path, split='train', limit=None, **kwargs):
     "Chats from a Hugging Face dataset of `messages` or Alpaca rows."
-    from llm_from_scratch.data import _import_datasets
-    ds = _import_datasets().load_dataset(path, split=split, **kwargs)
+    from llm_from_scratch.data import import_datasets
+    ds = import_datasets().load_dataset(path, split=split, **kwargs)
     return [as_chat(dict(r), f'{path}:{split}:{i}')
             for i, r in enumerate(ds) if limit is None or i < limit]
 
@@ -335,14 +335,14 @@ def prepare_chat(splits, tokenizer, out, block_size=128, overwrite=False,
                  source='chats'):
     "Render, pack and write chat `splits` ({name: chats}) into `out`."
     out = Path(out).expanduser().resolve()
-    _replaced_files(out, overwrite)  # refuse before leaving any trace
+    replaced_files(out, overwrite)  # refuse before leaving any trace
     base_path = _tokenizer_path(tokenizer)
     tok = chat_tokenizer(Tokenizer.load(base_path))
-    with lock_folder(out), _building(out, overwrite) as tmp:
+    with lock_folder(out), building_folder(out, overwrite) as tmp:
         tok.save(tmp / 'tokenizer.json')
-        meta = _new_metadata(tok, tmp / 'tokenizer.json', source, 0, [])
+        meta = new_metadata(tok, tmp / 'tokenizer.json', source, 0, [])
         meta.update(kind='chat', block_size=block_size,
-                    base_tokenizer_sha256=_sha256(base_path),
+                    base_tokenizer_sha256=file_sha256(base_path),
                     added_tokens=[s for s in tok.special_tokens
                                   if s not in _specials(base_path)])
         for name, chats in splits.items():
@@ -380,14 +380,14 @@ def _write_chats(tok, chats, folder, name, block_size, meta):
 
 def _write_rows(tok, rows, masks, folder, name, kept, dropped, meta):
     "Write one split's rows and their masks as shards; list them in `meta`."
-    dtype = _id_dtype(tok)
+    dtype = id_dtype(tok)
     for part, arr in ((name, rows), (f'{name}_mask', masks)):
         file = f'{part}_000000.bin'
         write_shard(folder / file, arr.ravel(), dtype)
         meta['splits'][part] = dict(
             documents=kept, tokens=int(arr.size),
             dropped=dropped, shards=[dict(file=file, tokens=int(arr.size),
-                                          sha256=_sha256(folder / file))])
+                                          sha256=file_sha256(folder / file))])
 
 # %% ../nbs/08_finetuning.ipynb #47019dfd
 class ChatLoader(BatchLoader):
@@ -432,6 +432,10 @@ def _check_block_size(meta, block_size, folder):
                          f'{meta.get("block_size")}, not {block_size}: '
                          f'train with block_size {meta.get("block_size")}'
                          f' or prepare the data again')
+
+# %% ../nbs/08_finetuning.ipynb #cbff6fae
+extend(ChatLoader=ChatLoader, grow_vocab=grow_vocab,
+       CHAT_TEMPLATE=CHAT_TEMPLATE)
 
 # %% ../nbs/08_finetuning.ipynb #15277b8e
 FINETUNE = dict(batch_size=16, max_steps=300, lr=1e-3, eval_every=50,
@@ -494,6 +498,9 @@ def as_classifier(model, n_classes):
     classifier.load_state_dict(weights)
     return classifier
 
+
+extend(as_classifier=as_classifier)  # for chapter 5's loop
+
 # %% ../nbs/08_finetuning.ipynb #c1a50012
 def class_rows(tok, passages, classes, block_size, where='passage'):
     "Rows of a passage's ids and then its class; the mask marks the class."
@@ -517,13 +524,13 @@ def prepare_classes(splits, tokenizer, out, classes=None, block_size=128,
                     overwrite=False, source='passages'):
     "Write `splits` ({name: [(text, label)]}) as a folder of kind classes."
     out = Path(out).expanduser().resolve()
-    _replaced_files(out, overwrite)  # refuse before leaving any trace
+    replaced_files(out, overwrite)  # refuse before leaving any trace
     tok_path = _tokenizer_path(tokenizer)
     tok = Tokenizer.load(tok_path)
     classes = _class_names(classes, splits)  # the train split's, sorted
-    with lock_folder(out), _building(out, overwrite) as tmp:
+    with lock_folder(out), building_folder(out, overwrite) as tmp:
         shutil.copyfile(tok_path, tmp / 'tokenizer.json')
-        meta = _new_metadata(tok, tmp / 'tokenizer.json', source, 0, [])
+        meta = new_metadata(tok, tmp / 'tokenizer.json', source, 0, [])
         meta.update(kind='classes', block_size=block_size, classes=classes)
         for name, passages in splits.items():
             rows, masks, dropped = class_rows(tok, passages, classes,

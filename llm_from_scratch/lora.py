@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import _check_kind
+from .model import check_kind
+from .training import extend
 
 # %% ../nbs/09_lora.ipynb #0000000fl9
 class LoRALinear(nn.Module):
@@ -242,6 +243,9 @@ def _check_rows(model, ids):
                          f'{vocab - 1}, not {ids}')
     return ids
 
+# %% ../nbs/09_lora.ipynb #9985dc73
+extend(add_lora=add_lora, train_rows=train_rows, merge_lora=merge_lora)
+
 # %% ../nbs/09_lora.ipynb #00000033l9
 _HF = {'gpt2': ('transformer.h', dict(
            q_proj='attn.c_attn', k_proj='attn.c_attn', v_proj='attn.c_attn',
@@ -255,7 +259,7 @@ _QKV = ('q_proj', 'k_proj', 'v_proj')
 
 def to_peft(model, kind):
     "PEFT's adapter config and tensors for `model` exported as `kind`."
-    _check_kind(model.config, kind)
+    check_kind(model.config, kind)
     r, alpha, dropout, targets = _settings(model)
     prefix, names = _HF[kind]
     tensors = {}
@@ -421,7 +425,7 @@ def load_adapter(model, folder):
     config, tensors = _read_adapter(folder)
     kind = 'gpt2' if any('.transformer.h.' in k for k in tensors) \
         else 'llama'
-    _check_kind(model.config, kind)
+    check_kind(model.config, kind)
     rows = _rows_from_peft(config, tensors, kind, folder)
     _check_rows_fit(model, rows, folder)
     sd = from_peft(tensors, kind, config['r'], model.config.n_layer,

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'ModelConfig', 'preset', 'RMSNorm', 'make_norm', 'MLP', 'SwiGLU', 'Block', 'GPT', 'n_params',
-           'flops_per_token', 'meta_model', 'from_hf', 'to_hf', 'config_from_hf', 'config_to_hf', 'check_weights']
+           'flops_per_token', 'meta_model', 'from_hf', 'to_hf', 'check_kind', 'infer_kind', 'config_from_hf',
+           'config_to_hf', 'check_weights']
 
 # %% ../nbs/04_model.ipynb #4da4f9fc
 #| echo: false
@@ -336,7 +337,7 @@ def _llama_names(c):
 def from_hf(model, hf_sd, kind, source='state dict'):
     "Load a Hugging Face `kind` ('gpt2' or 'llama') state dict into `model`."
     c, ours = model.config, model.state_dict()
-    _check_kind(c, kind)
+    check_kind(c, kind)
     names = _gpt2_names(c) if kind == 'gpt2' else _llama_names(c)
     used, new = set(), {}
     for k, theirs in names.items():
@@ -366,7 +367,7 @@ def from_hf(model, hf_sd, kind, source='state dict'):
 def to_hf(model, kind):
     "The state dict of `model` with Hugging Face `kind` names and layout."
     c, sd = model.config, model.state_dict()
-    _check_kind(c, kind)
+    check_kind(c, kind)
     names = _gpt2_names(c) if kind == 'gpt2' else _llama_names(c)
     out = {}
     for k, theirs in names.items():
@@ -421,7 +422,7 @@ _KINDS = {'gpt2': dict(pos='learned', mlp='gelu', norm='layernorm',
                         bias=False)}
 
 
-def _check_kind(c, kind):
+def check_kind(c, kind):
     "Raise `ValueError` naming the first field of `c` that `kind` lacks."
     if kind not in _KINDS:
         raise ValueError(f'kind must be one of {tuple(_KINDS)}, not '
@@ -441,7 +442,7 @@ def _check_kind(c, kind):
                          f'n_kv_head = n_head ({c.n_head})')
 
 
-def _infer_kind(c):
+def infer_kind(c):
     "'gpt2' or 'llama', whichever layout fits config `c`."
     for kind, fields in _KINDS.items():
         if all(getattr(c, k) == fields[k] for k in ('pos', 'mlp', 'norm')):
@@ -479,8 +480,8 @@ def config_from_hf(d):
 
 def config_to_hf(config, kind=None):
     "The Hugging Face config dict of `config`, and its kind (or inferred)."
-    c, kind = config, kind or _infer_kind(config)
-    _check_kind(c, kind)
+    c, kind = config, kind or infer_kind(config)
+    check_kind(c, kind)
     if kind == 'gpt2':
         d = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2',
                  n_positions=c.block_size, n_layer=c.n_layer,

@@ -19,8 +19,8 @@ from pathlib import Path
 import gguf
 import torch
 
-from .distributed import _chat_template, _special_names
-from .model import _check_kind, _infer_kind
+from .distributed import chat_template, special_names
+from .model import check_kind, infer_kind
 from .tokenizer import (GPT2_PATTERN, GPT4_PATTERN,
                                         LLAMA3_PATTERN, bytes_to_unicode)
 
@@ -30,8 +30,8 @@ ARCHS = ('llama', 'gpt2')
 
 def gguf_arch(config):
     "llama.cpp's architecture for `config`: 'llama' or 'gpt2'."
-    kind = _infer_kind(config)  # chapter 4: the Hugging Face layouts
-    _check_kind(config, kind)
+    kind = infer_kind(config)  # chapter 4: the Hugging Face layouts
+    check_kind(config, kind)
     return kind
 
 # %% ../nbs/13_portable.ipynb #2b33a010
@@ -209,13 +209,13 @@ def _add_tokenizer_keys(w, tok, vocab_size):
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    names = _special_names(tok)  # chapter 6: <|endoftext|>, chat's <|end|>
+    names = special_names(tok)  # chapter 6: <|endoftext|>, chat's <|end|>
     if 'bos_token' in names:
         w.add_bos_token_id(tok.special_tokens[names['bos_token']])
     if 'eos_token' in names:
         w.add_eos_token_id(tok.special_tokens[names['eos_token']])
     w.add_add_bos_token(False)
-    template = _chat_template(tok).get('chat_template')
+    template = chat_template(tok).get('chat_template')
     if template:
         w.add_chat_template(template)
 

@@ -4,12 +4,13 @@
 
 # %% auto #0
 __all__ = ['QMAX', 'INT8_FORMAT', 'quantize_tensor', 'dequantize', 'int8_linear', 'Int8Linear', 'quantize', 'int8_layers',
-           'save_int8', 'read_int8_meta', 'load_int8', 'bytes_per_token', 'tokens_per_second']
+           'save_int8', 'read_int8_meta', 'load_int8', 'export_int8', 'bytes_per_token', 'tokens_per_second']
 
 # %% ../nbs/12_quantization.ipynb #7a71d5f7
 #| echo: false
 import json
 import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict
@@ -21,8 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .generation import generate_tokens
+from .generation import (INT8_FILE, generate_tokens,
+                                         load_for_generation)
 from .model import GPT, ModelConfig
+from .training import extend
 
 # %% ../nbs/12_quantization.ipynb #f4fe28c9
 #| echo: false
@@ -270,6 +273,28 @@ def _check_tensors(model, tensors, tied, path):
             raise ValueError(f'{path}: {k!r} is {got.dtype} '
                              f'{tuple(got.shape)}, the model needs '
                              f'{need.dtype} {tuple(need.shape)}')
+
+# %% ../nbs/12_quantization.ipynb #b20d5fe6
+def export_int8(checkpoint, out, tokenizer=None):
+    "A new folder `out`: `checkpoint`'s model in int8, and its tokenizer."
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f'{out} exists: choose another output folder')
+    model, tok = load_for_generation(checkpoint, tokenizer, 'cpu', 'fp32')
+    model = quantize(model).to(torch.bfloat16)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
+    tmp.mkdir()
+    try:
+        save_int8(model, tmp / INT8_FILE)
+        tok.save(tmp / 'tokenizer.json')
+        os.rename(tmp, out)  # all or nothing
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours; gone if renamed
+    return out / INT8_FILE
+
+
+extend(load_int8=load_int8)  # chapter 7's loader reads int8 folders
 
 # %% ../nbs/12_quantization.ipynb #c331c304
 def bytes_per_token(model):

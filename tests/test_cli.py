@@ -282,6 +282,35 @@ def test_export_gguf(run_dir, tmp_path):
     assert r.returncode == 2 and 'invalid choice' in r.stderr
 
 
+def test_export_int8_then_generate(run_dir, tmp_path):
+    "Chapter 12's int8 folder, written and read from the command line."
+    from llm_from_scratch.generation import generate, load_for_generation
+    from llm_from_scratch.quantization import quantize, read_int8_meta
+    q = tmp_path / 'q'
+    r = run('export', run_dir, q, '--format', 'int8')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(f.name for f in q.iterdir()) == [
+        'model.int8.safetensors', 'tokenizer.json']
+    assert 'lm_head' not in ' '.join(read_int8_meta(
+        q / 'model.int8.safetensors')['int8'])  # tied: stays float
+    r = run('generate', '--checkpoint', q, '--prompt', 'ROMEO:',
+            '--max_new_tokens', 8, '--temperature', 0, '--quiet')
+    assert r.returncode == 0, r.stderr[-2000:]
+    model, tok = load_for_generation(run_dir, device='cpu', dtype='fp32')
+    model = quantize(model).to(torch.bfloat16)
+    new, = generate(model, [tok.encode('ROMEO:')], 8, temperature=0)
+    assert r.stdout.rstrip('\n') == 'ROMEO:' + tok.decode(new)
+    r = run('export', run_dir, q, '--format', 'int8')
+    assert r.returncode == 1 and 'exists' in r.stderr, r.stderr
+    lone = subprocess.run(
+        [sys.executable, '-c', 'import sys; from llm_from_scratch.'
+         'generation import load_for_generation as f; f(sys.argv[1])',
+         str(q)], capture_output=True, text=True)
+    assert lone.returncode == 1 and lone.stderr.strip().endswith(
+        f'{q} (int8 weights) needs load_int8: import '
+        f'llm_from_scratch.quantization first'), lone.stderr[-500:]
+
+
 def test_files_follow_the_umask(run_dir, tmp_path):
     old = os.umask(0o022)
     try:

@@ -20,7 +20,7 @@ from llm_from_scratch.data import (HEADER, BatchLoader, Doc, FolderInUse,
                                    read_documents, read_shard, shakespeare,
                                    shingles, split_documents, token_dtype,
                                    verify_data, write_shard, write_split)
-from llm_from_scratch.data import _id_dtype
+from llm_from_scratch.data import id_dtype
 from llm_from_scratch.tokenizer import Tokenizer
 
 
@@ -352,7 +352,7 @@ def test_token_ids_never_wrap(docs, tmp_path):
     # the dtype holds the largest id, not just `vocab_size` ids
     gap = SimpleNamespace(vocab=dict.fromkeys(range(300)),
                           special_ids={70_000: '<|endoftext|>'})
-    assert _id_dtype(gap) == np.uint32
+    assert id_dtype(gap) == np.uint32
     base = Tokenizer.train('\n'.join(d.text for d in docs[:40]), 300)
     try:  # a separator far above the learned ids
         Tokenizer(base.ranks, base.pattern, {'<|endoftext|>': 70_000},

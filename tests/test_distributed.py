@@ -95,14 +95,24 @@ def test_fsdp_checkpoint_is_sharded_safetensors(runs):
     assert len(files) == 2 and all(f.suffix == '.safetensors'
                                    for f in files)
     assert not list(ckpt.rglob('*.pt'))  # nothing to unpickle
+    assert q_rows(ckpt) == {0: [64, 128], 64: [64, 128]}  # half each
+
+
+def q_rows(ckpt):
+    "First row -> shape of each saved piece of one weight, over the files."
     rows = {}
-    for f in files:
+    for f in sorted((ckpt / 'shards').iterdir()):
         with safe_open(str(f), 'pt') as st:
             info = json.loads(st.metadata()['DCP_SHARDING_INFO'])
             key = 'model.blocks.0.attn.q_proj.weight'
-            rows[info[key]['saved_offsets'][0]] = st.get_slice(key) \
-                .get_shape()
-    assert rows == {0: [64, 128], 64: [64, 128]}  # 128 rows, half each
+            if key in info:
+                rows[info[key]['saved_offsets'][0]] = st.get_slice(key) \
+                    .get_shape()
+    return rows
+
+
+def test_ddp_checkpoint_holds_whole_weights(runs):
+    assert q_rows(latest_checkpoint(runs / 'ddp')) == {0: [128, 128]}
 
 
 def test_each_rank_holds_half(tmp_path):
@@ -209,11 +219,11 @@ CPU_FSDP = ROOT / 'configs' / 'accelerate' / 'fsdp-cpu.yaml'
 
 
 def test_accelerate_launch_with_an_fsdp_config_on_cpu(runs, tmp_path):
-    "Accelerate's FSDP config file starts 2 processes that shard, on CPU."
+    "Accelerate's FSDP config file alone makes 2 processes shard, on CPU."
     exe = Path(sys.executable).parent / 'accelerate'
     r = subprocess.run([str(exe), 'launch', '--config_file', str(CPU_FSDP),
-                        EXE, *map(str, cli_args(runs / 'data', runs / 'acc',
-                                                parallel='fsdp'))],
+                        EXE, *map(str, cli_args(runs / 'data', runs / 'acc'))
+                        ],  # no --parallel fsdp: the config decides
                        capture_output=True, text=True,
                        env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -221,6 +231,8 @@ def test_accelerate_launch_with_an_fsdp_config_on_cpu(runs, tmp_path):
         losses(runs / 'acc'), losses(runs / 'single'))) < 1e-5
     meta = read_checkpoint_meta(latest_checkpoint(runs / 'acc'))
     assert meta['sharded']['world_size'] == 2
+    assert q_rows(latest_checkpoint(runs / 'acc')) == {
+        0: [64, 128], 64: [64, 128]}  # sharded, as the config asked
 
 
 PROBE = """
@@ -333,6 +345,7 @@ def test_sharded_checkpoint_holds_every_rank_and_the_tokenizer(script_runs):
     meta = read_checkpoint_meta(ckpt)
     rng = load_file(str(ckpt / 'rng.safetensors'))
     assert {'cpu.0', 'cpu.1'} <= set(rng)  # each rank's own generator
+    assert not torch.equal(rng['cpu.0'], rng['cpu.1'])  # own dropout
     tok = (script_runs / 'data' / 'tokenizer.json').read_bytes()
     assert (ckpt / 'tokenizer.json').read_bytes() == tok
     assert meta['tokenizer_sha256'] == hashlib.sha256(tok).hexdigest()

@@ -697,3 +697,44 @@ def test_evals_are_measured_at_each_evaluation(data, tmp_path, capsys):
         with pytest.raises(ValueError, match='evals must map new names'):
             train(replace(c, out=str(tmp_path / 'bad')), evals=bad)
         assert not (tmp_path / 'bad').exists()
+
+
+def test_the_cuda_lines_run_with_a_stand_in(monkeypatch, tmp_path):
+    "The few lines that ask CUDA something, run here against a stand-in."
+    cuda = torch.cuda
+    state = torch.arange(16, dtype=torch.uint8)
+    got = {}
+    monkeypatch.setattr(cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(cuda, 'is_initialized', lambda: True)
+    monkeypatch.setattr(cuda, 'is_bf16_supported', lambda: True)
+    monkeypatch.setattr(cuda, 'get_rng_state', lambda: state)
+    monkeypatch.setattr(cuda, 'set_rng_state', lambda s: got.update(s=s))
+    monkeypatch.setattr(cuda, 'get_device_name', lambda d: 'NVIDIA H200')
+    monkeypatch.setattr(cuda, 'max_memory_allocated', lambda d: 3 * 2**30)
+    monkeypatch.setattr(torch, 'manual_seed', lambda s: got.update(seed=s))
+    states = training._rng_states(rank=1)
+    assert torch.equal(states['cuda.1'], state)
+    from safetensors.torch import save_file
+    save_file({'cpu.0': torch.get_rng_state(), 'cuda.0': state * 2},
+              str(tmp_path / 'rng.safetensors'))
+    training._restore_rng(tmp_path, {'step': 3})  # rank 0
+    assert torch.equal(got['s'], state * 2)
+    assert training._precision(TrainConfig(precision='auto')) == 'bf16'
+    assert training.peak_flops(torch.device('cuda'), torch.bfloat16) == \
+        training.PEAK_FLOPS['H200']
+    assert training.peak_memory_gb('cuda') == 3
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    assert not training._cpu_launch()  # GPUs: Accelerate picks them
+
+
+def test_a_process_the_checkpoint_lacks_gets_a_stream_of_its_own(
+        monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+    save_file({'cpu.0': torch.get_rng_state()},
+              str(tmp_path / 'rng.safetensors'))
+    monkeypatch.setattr(training, '_rank', lambda: 1)
+    seeds = []
+    monkeypatch.setattr(torch, 'manual_seed', seeds.append)
+    training._restore_rng(tmp_path, {'step': 3,
+                                     'train_config': {'seed': 7}})
+    assert seeds == [7 + 1 + (3 << 20)]  # not process 0's stream
