@@ -21,6 +21,7 @@ import torch
 
 from .distributed import chat_template, special_names
 from .model import check_kind, infer_kind
+from .quantization import int8_layers
 from .tokenizer import (GPT2_PATTERN, GPT4_PATTERN,
                                         LLAMA3_PATTERN, bytes_to_unicode)
 
@@ -167,6 +168,9 @@ FILE_TYPES = {'f32': gguf.LlamaFileType.ALL_F32,
 def write_gguf(model, tok, path, type='f32', name='llm-from-scratch'):
     "Write `model` and tokenizer `tok` as the new GGUF file `path`."
     _check_type(type)
+    if int8_layers(model):  # chapter 12's layers: GGUF has its own 8 bits
+        raise ValueError('the model has int8 layers: write the float model '
+                         'it was quantized from (type q8_0 for 8 bits)')
     path, c = Path(path), model.config
     arch = gguf_arch(c)
     tensors = [(n, *encode_tensor(n, t, type))

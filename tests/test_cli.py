@@ -302,6 +302,9 @@ def test_export_int8_then_generate(run_dir, tmp_path):
     assert r.stdout.rstrip('\n') == 'ROMEO:' + tok.decode(new)
     r = run('export', run_dir, q, '--format', 'int8')
     assert r.returncode == 1 and 'exists' in r.stderr, r.stderr
+    r = run('export', q, tmp_path / 'q.gguf', '--format', 'gguf')
+    assert r.returncode == 1 and 'int8 layers' in r.stderr, r.stderr
+    assert not (tmp_path / 'q.gguf').exists()
     lone = subprocess.run(
         [sys.executable, '-c', 'import sys; from llm_from_scratch.'
          'generation import load_for_generation as f; f(sys.argv[1])',
