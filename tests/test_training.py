@@ -738,3 +738,18 @@ def test_a_process_the_checkpoint_lacks_gets_a_stream_of_its_own(
     training._restore_rng(tmp_path, {'step': 3,
                                      'train_config': {'seed': 7}})
     assert seeds == [7 + 1 + (3 << 20)]  # not process 0's stream
+
+
+def test_a_failed_run_still_ends_accelerate(data, tmp_path, monkeypatch):
+    "The log is closed and the process group ended after an error too."
+    from accelerate import Accelerator
+    ended = []
+    monkeypatch.setattr(Accelerator, 'end_training',
+                        lambda self: ended.append(True))
+
+    def fail(*args):
+        raise RuntimeError('a step failed')
+    monkeypatch.setattr(training, '_run', fail)
+    with pytest.raises(RuntimeError, match='a step failed'):
+        train(config(data, tmp_path / 'run'), progress=False)
+    assert ended == [True]
