@@ -531,6 +531,7 @@ def serve_command(
     host: str = '127.0.0.1',  # 0.0.0.0 serves other machines too
     port: int = 8000,  # the TCP port to listen on
     slots: int = 8,  # requests decoded together (continuous batching)
+    max_waiting: int = 64,  # requests queued beyond the slots; more: 503
     api_key: str = None,  # required of clients (or $LLM_FROM_SCRATCH_API_KEY)
     device: str = None,  # cpu, cuda or mps (default: cuda if present)
     dtype: str = None,  # fp32, bf16 or fp16 (default: as saved)
@@ -541,7 +542,8 @@ def serve_command(
     api_key = api_key or os.environ.get('LLM_FROM_SCRATCH_API_KEY') or None
     log = (lambda *a: None) if quiet else \
         (lambda *a: print(*a, file=sys.stderr))
-    serve(model, host, port, slots, api_key, device, dtype, log=log)
+    serve(model, host, port, slots, api_key, device, dtype, log=log,
+          max_waiting=max_waiting)
 
 # %% ../nbs/90_cli.ipynb #e7a1c0d2
 def eval_command(

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MAX_BODY', 'PAGE', 'SlotCache', 'TextOut', 'Request', 'Engine', 'BadRequest', 'error_body', 'chat_prompt',
-           'parse_request', 'completion', 'answer_events', 'make_app', 'serve', 'background_server']
+           'parse_request', 'completion', 'answer_events', 'make_app', 'Busy', 'Room', 'serve', 'background_server']
 
 # %% ../nbs/11_serving.ipynb #955567d5
 #| echo: false
@@ -546,13 +546,14 @@ async def answer_events(req, kind, name, q, include_usage):
         req.cancelled = True
 
 # %% ../nbs/11_serving.ipynb #cf251a12
-def make_app(engine, name='model', api_key=None):
+def make_app(engine, name='model', api_key=None, max_waiting=64):
     "A FastAPI app that serves `engine` with OpenAI's API and a chat page."
     from fastapi import FastAPI, Request as HTTP
     from fastapi.responses import HTMLResponse, StreamingResponse
     app = FastAPI(title='llm-from-scratch', docs_url=None, redoc_url=None)
     _add_error_handlers(app)
     block_size = engine.model.config.block_size
+    room = Room(len(engine.slots) + max_waiting)  # running and waiting
 
     @app.get('/', response_class=HTMLResponse)
     def page():
@@ -579,6 +580,7 @@ def make_app(engine, name='model', api_key=None):
         body = await _read_json(http)
         req, stream, usage = await _in_thread(
             parse_request, body, kind, engine.tok, block_size, name)
+        room.take(req)  # or 503: too many requests running and waiting
         q = _listen(req)
         engine.submit(req)
         if stream:
@@ -653,6 +655,24 @@ class _Unauthorized(Exception):
     pass
 
 
+class Busy(Exception):
+    "The server holds as many requests as it takes: try again shortly."
+
+
+class Room:
+    "At most `n` requests accepted and not yet finished."
+
+    def __init__(self, n):
+        self.n, self.open = n, []
+
+    def take(self, req):
+        self.open = [r for r in self.open if r.finish is None]
+        if len(self.open) >= self.n:
+            raise Busy(f'the server is busy: {len(self.open)} requests are '
+                       f'running or waiting; try again shortly')
+        self.open.append(req)
+
+
 def _check_key(http, api_key):
     "Refuse a request without the server's API key (when it has one)."
     import hmac
@@ -675,6 +695,11 @@ def _add_error_handlers(app):
     async def bad(http, e):
         return reply(400, str(e), param=e.param)
 
+    @app.exception_handler(Busy)
+    async def busy(http, e):
+        return JSONResponse(error_body(str(e), 'server_busy'),
+                            status_code=503, headers={'Retry-After': '1'})
+
     @app.exception_handler(_Unauthorized)
     async def unauthorized(http, e):
         return reply(401, 'missing or wrong API key: send the header '
@@ -690,7 +715,7 @@ def _add_error_handlers(app):
 
 # %% ../nbs/11_serving.ipynb #7501f379
 def serve(checkpoint, host='127.0.0.1', port=8000, slots=8, api_key=None,
-          device=None, dtype=None, name=None, log=print):
+          device=None, dtype=None, name=None, log=print, max_waiting=64):
     "Load a model and serve it over HTTP until interrupted."
     import uvicorn
 
@@ -698,13 +723,14 @@ def serve(checkpoint, host='127.0.0.1', port=8000, slots=8, api_key=None,
     _check_address(host, port)  # before the minutes a big model can take
     model, tok = load_for_generation(checkpoint, device=device, dtype=dtype)
     _check_servable(model, slots)
+    _check_waiting(max_waiting)
     name = name or Path(checkpoint).resolve().name
     engine = Engine(model, tok, slots).start()
     try:
         log(f'serving {name} on http://{host}:{port}/ with {slots} slots'
             f'{" (API key required)" if api_key else ""}; Ctrl-C stops')
-        uvicorn.run(make_app(engine, name, api_key), host=host, port=port,
-                    log_level='warning')
+        uvicorn.run(make_app(engine, name, api_key, max_waiting), host=host,
+                    port=port, log_level='warning')
     finally:
         engine.close()
 
@@ -727,6 +753,11 @@ def _check_servable(model, slots):
                          'not next tokens, so it cannot be served')
     if not isinstance(slots, int) or slots < 1:
         raise ValueError(f'slots must be at least 1, not {slots}')
+
+
+def _check_waiting(max_waiting):
+    if not isinstance(max_waiting, int) or max_waiting < 0:
+        raise ValueError(f'max_waiting must be 0 or more, not {max_waiting}')
 
 # %% ../nbs/11_serving.ipynb #d84fb8ca
 def background_server(app, host='127.0.0.1', port=0):

@@ -228,6 +228,41 @@ def test_disconnect_mid_stream_frees_the_slot(slow):
     engine.submit = submit
 
 
+def test_a_full_server_answers_503_at_once(model, tok):
+    "Beyond the slots and max_waiting, a request is refused, not queued."
+    engine = Engine(model, tok, n_slots=1)
+
+    def step():
+        time.sleep(0.05)
+        Engine.step(engine)
+    engine.step = step
+    engine.start()
+    server, url = background_server(make_app(engine, 'tiny', max_waiting=0))
+    try:
+        body = dict(prompt='ROMEO:', max_tokens=80, temperature=0,
+                    stream=True)
+        with httpx.stream('POST', url + '/v1/completions', json=body) as r:
+            next(r.iter_lines())  # the one slot is taken
+            t0 = time.time()
+            busy = httpx.post(url + '/v1/completions',
+                              json=dict(prompt='Hi', max_tokens=1))
+            waited = time.time() - t0
+        assert busy.status_code == 503, busy.text
+        assert busy.headers['retry-after'] == '1'
+        assert busy.json()['error']['type'] == 'server_busy'
+        assert waited < 2  # refused at once, not after the running answer
+        deadline = time.time() + 10
+        while httpx.get(url + '/health').json()['running'] and \
+                time.time() < deadline:
+            time.sleep(0.05)
+        ok = httpx.post(url + '/v1/completions',
+                        json=dict(prompt='Hi', max_tokens=1))
+        assert ok.status_code == 200, ok.text  # room again
+    finally:
+        stop(server)
+        engine.close()
+
+
 # -- bad input -----------------------------------------------------------------
 
 BAD = {
