@@ -60,16 +60,21 @@ def url(model, tok):
     engine.close()
 
 
-@pytest.fixture(scope='module')
-def slow(model, tok):
-    "(url, engine) of a server whose steps take 50 ms: time to hang up."
-    engine = Engine(model, tok, n_slots=2)
+def slow_engine(model, tok, n_slots):
+    "A started engine whose steps take 50 ms: time to act mid-answer."
+    engine = Engine(model, tok, n_slots=n_slots)
 
     def step():
         time.sleep(0.05)
         Engine.step(engine)
     engine.step = step
-    engine.start()
+    return engine.start()
+
+
+@pytest.fixture(scope='module')
+def slow(model, tok):
+    "(url, engine) of a server whose steps take 50 ms: time to hang up."
+    engine = slow_engine(model, tok, 2)
     server, url = start(engine)
     yield url, engine
     stop(server)
@@ -230,13 +235,7 @@ def test_disconnect_mid_stream_frees_the_slot(slow):
 
 def test_a_full_server_answers_503_at_once(model, tok):
     "Beyond the slots and max_waiting, a request is refused, not queued."
-    engine = Engine(model, tok, n_slots=1)
-
-    def step():
-        time.sleep(0.05)
-        Engine.step(engine)
-    engine.step = step
-    engine.start()
+    engine = slow_engine(model, tok, 1)
     server, url = background_server(make_app(engine, 'tiny', max_waiting=0))
     try:
         body = dict(prompt='ROMEO:', max_tokens=80, temperature=0,
