@@ -2,11 +2,13 @@
 """Decoding speed against the memory-bandwidth limit, ours beside transformers.
 
 A GPT-2-124M-shaped model with random weights, greedy decoding of the same
-prompts by our `generate_tokens` (eager and `torch.compile`d, fp32 and bf16
-weights for the decode steps; eager with chapter 12's int8 weights) and by
+prompts by our `generate_tokens` (eager, `torch.compile`d, and compiled
+with the weights frozen as constants; fp32 and bf16 weights for the decode
+steps; chapter 12's int8 weights eager and frozen) and by
 `transformers`' `GPT2LMHeadModel.generate` holding the same weights (fp32
 and bf16), at batch 1 and 8. The greedy tokens of ours and theirs in fp32
-must be equal (asserted). Every
+must be equal (asserted; the frozen versions multiply with other kernels,
+so their agreement is printed). Every
 decode figure is printed as tokens/s and as GB/s read (the weights once per
 step plus the cached keys and values of every sequence), beside the ceiling
 that this machine's measured memory bandwidth sets. Then a prefill of a
@@ -160,10 +162,19 @@ def main():
                       lambda k: ours(fp32, prompts, k, compile=True)),
                      ('ours, bf16, compiled', bf16,
                       lambda k: ours(bf16, prompts, k, compile=True,
+                                     prefill_model=prefill_model)),
+                     ('ours, fp32, frozen', fp32,
+                      lambda k: ours(fp32, prompts, k, compile='frozen')),
+                     ('ours, bf16, frozen', bf16,
+                      lambda k: ours(bf16, prompts, k, compile='frozen',
                                      prefill_model=prefill_model))]
         rows += [('ours, int8 weights, bf16 in, eager', int8,
                   lambda k: ours(int8, prompts, k,
                                  prefill_model=prefill_model))]
+        if not args.no_compile:
+            rows += [('ours, int8 weights, frozen', int8,
+                      lambda k: ours(int8, prompts, k, compile='frozen',
+                                     prefill_model=prefill_model))]
         rows += [('transformers generate, fp32', fp32,
                   lambda k: theirs(hf32, prompts, k)),
                  ('transformers generate, bf16', bf16,
@@ -184,7 +195,7 @@ def main():
         assert tokens['ours, fp32, eager'] == \
             tokens['transformers generate, fp32'], 'greedy tokens differ'
         for label in tokens:
-            if 'fp32' in label:
+            if 'fp32' in label and 'frozen' not in label:
                 assert tokens[label] == tokens['ours, fp32, eager'], label
         same16 = sum(a == b for ra, rb in zip(
             tokens['ours, bf16, eager'], tokens['transformers generate, bf16'])
@@ -193,13 +204,24 @@ def main():
             tokens['ours, int8 weights, bf16 in, eager'],
             tokens['ours, fp32, eager']) for a, b in zip(ra, rb)) / (B * n)
         print(f'int8: {same8:.0%} of greedy tokens equal to ours fp32')
+        for label in tokens:
+            if 'frozen' in label:
+                base = label.replace('frozen', 'eager').replace(
+                    'int8 weights', 'int8 weights, bf16 in')
+                same = sum(a == b for ra, rb in zip(
+                    tokens[label], tokens[base])
+                    for a, b in zip(ra, rb)) / (B * n)
+                print(f'{label}: {same:.0%} of greedy tokens equal to '
+                      f'{base}')
         print(f'greedy tokens: ours fp32 (eager and compiled) == '
               f'transformers fp32; bf16: {same16:.0%} of tokens equal to '
               f"transformers' bf16 (rounding differs)")
         for fmt in ('fp32', 'bf16'):
             ref = speed[f'transformers generate, {fmt}']['tokens_per_s']
             for label, d in speed.items():
-                if label.startswith('ours') and fmt in label:
+                mine = 'int8' in label if fmt == 'fp32' else False
+                if label.startswith('ours') and (
+                        mine or fmt in label and 'int8' not in label):
                     print(f'  {label:32s} {d["tokens_per_s"] / ref:5.2f}x '
                           f'transformers {fmt}')
         best_ours = max((d for k, d in speed.items()

@@ -256,6 +256,7 @@ def generate_command(
     truncate: bool = False,  # keep only the end of a too-long prompt
     device: str = None,  # cpu, cuda or mps (default: cuda if present)
     dtype: str = None,  # fp32, bf16 or fp16 (default: as saved)
+    compile: str = None,  # compiled or frozen: slower start, faster steps
     quiet: bool = False,
 ):
     "Stream a model's continuations of a prompt to the terminal."
@@ -266,7 +267,14 @@ def generate_command(
     prompt, stop = _unescape(prompt), [_unescape(s) for s in stop or ()]
     for text in (prompt, *stop):
         _check_utf8(text)
+    if compile not in _COMPILE:
+        raise ValueError(f'--compile must be compiled or frozen, not '
+                         f'{compile!r}')
+    how = _COMPILE[compile]
     model, tok = load_for_generation(checkpoint, tokenizer, device, dtype)
+    if how and not quiet:
+        print('compiling the decode step: the first tokens take a while',
+              file=sys.stderr)
     for i in range(num_samples):
         if num_samples > 1:
             print(f'--- sample {i + 1} ---')
@@ -276,10 +284,13 @@ def generate_command(
             on_truncate=_cut if not quiet else None,
             max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            seed=None if seed is None else seed + i)
+            seed=None if seed is None else seed + i, compile=how)
         _write_stream(prompt, pieces)
         if not quiet:
             _report(stats)
+
+
+_COMPILE = {None: False, 'compiled': True, 'frozen': 'frozen'}
 
 
 def _write_stream(prompt, pieces):

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['END_OF_TEXT', 'DTYPES', 'INT8_FILE', 'check_max_new_tokens', 'check_sampling', 'filter_logits', 'penalize_repeats',
-           'next_token', 'left_pad', 'StaticKVCache', 'forward_last', 'eval_mode', 'generate_tokens', 'fit_prompt',
-           'generate', 'stop_strings', 'split_at_stop', 'decode_stream', 'stream_text', 'time_per_token',
-           'memory_bandwidth', 'weight_bytes', 'step_bytes', 'decode_speed', 'compiled_forward_last', 'fast_matmul',
-           'phase_models', 'time_generation', 'read_tokenizer', 'find_tokenizer', 'check_tokenizer', 'pick_device',
-           'stored_dtype', 'pick_dtype', 'load_for_generation']
+           'next_token', 'left_pad', 'StaticKVCache', 'forward_last', 'eval_mode', 'check_compile', 'generate_tokens',
+           'fit_prompt', 'generate', 'stop_strings', 'split_at_stop', 'decode_stream', 'stream_text', 'time_per_token',
+           'memory_bandwidth', 'weight_bytes', 'step_bytes', 'decode_speed', 'compiled_forward_last', 'weights_stamp',
+           'frozen_forward_last', 'decode_step', 'fast_matmul', 'phase_models', 'time_generation', 'read_tokenizer',
+           'find_tokenizer', 'check_tokenizer', 'pick_device', 'stored_dtype', 'pick_dtype', 'load_for_generation']
 
 # %% ../nbs/07_inference.ipynb #d5841688
 #| echo: false
@@ -16,9 +16,13 @@ import codecs
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import numbers
 import time
+import types
+import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -185,6 +189,13 @@ def _recompute(model, idx, mask, pos, n, choose):
         pos = torch.cat([pos, pos[:, -1:] + 1], 1)
 
 
+def check_compile(compile):
+    "Refuse a `compile` other than False, True or 'frozen'."
+    if compile not in (None, False, True, 'frozen'):
+        raise ValueError(f"compile must be False, True or 'frozen', "
+                         f"not {compile!r}")
+
+
 @torch.inference_mode()
 def generate_tokens(model, prompts, max_new_tokens=50, temperature=1.0,
                     top_k=None, top_p=None, repetition_penalty=1.0,
@@ -193,6 +204,7 @@ def generate_tokens(model, prompts, max_new_tokens=50, temperature=1.0,
     "Yield the next token of every prompt (B,), one step at a time."
     check_max_new_tokens(max_new_tokens)
     check_sampling(temperature, top_k, top_p, repetition_penalty)
+    check_compile(compile)
     c = model.config
     _check_generates(c)
     device = next(model.parameters()).device
@@ -220,7 +232,7 @@ def generate_tokens(model, prompts, max_new_tokens=50, temperature=1.0,
         cache = [StaticKVCache(B, c.n_kv_head, S, c.head_dim, dtype, device)
                  for _ in range(c.n_layer)]
         full = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
-        step = compiled_forward_last() if compile else forward_last
+        step = decode_step(model, compile) if compile else forward_last
         logits = forward_last(prefill_model or model, idx, cache, pos, full)
         pos = pos[:, -1:]                                   # (B, 1)
         for i in range(max_new_tokens):
@@ -437,6 +449,57 @@ def decode_speed(model, seconds_per_step, batch_size=1, context=0,
 def compiled_forward_last():
     "`forward_last` under `torch.compile` (compiled once per shape)."
     return torch.compile(forward_last)
+
+
+_FROZEN = weakref.WeakKeyDictionary()  # model -> (its weights' stamp, step)
+_AS_CONSTANTS = dict(freezing=True, max_autotune=True,  # and quietly:
+                     autotune_num_choices_displayed=0,
+                     max_autotune_report_choices_stats=False)
+
+
+_COPIES = itertools.count()
+
+
+def weights_stamp(model):
+    "Which tensors hold the weights, where, and the sum of each."
+    ts = [*model.parameters(), *model.buffers()]
+    sums = torch.stack([t.detach().sum(dtype=torch.float32)
+                        for t in ts]).tolist()  # about one decode step
+    return tuple(zip(map(id, ts), [t.data_ptr() for t in ts], sums))
+
+
+def _frozen(*args):
+    return forward_last(*args)
+
+
+def _own_copy(fn):
+    "`fn` with a code object of its own: compiled code is kept per code."
+    code = fn.__code__.replace(co_name=f'{fn.__name__}_{next(_COPIES)}')
+    return types.FunctionType(code, fn.__globals__, code.co_name)
+
+
+def _run_frozen(step, *args):
+    with torch._inductor.config.patch(**_AS_CONSTANTS), \
+            warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'TypedStorage is deprecated')
+        return step(*args)
+
+
+def frozen_forward_last(model):
+    "`forward_last` compiled for `model` with its weights as constants."
+    stamp, step = _FROZEN.get(model, (None, None))
+    now = weights_stamp(model)
+    if stamp != now:  # new, or changed since: compile a new copy
+        step = torch.compile(_own_copy(_frozen), fullgraph=True)
+        _FROZEN[model] = (now, step)
+    return functools.partial(_run_frozen, step)
+
+
+def decode_step(model, compile):
+    "The function that runs a decode step: eager, compiled or frozen."
+    if compile == 'frozen':
+        return frozen_forward_last(model)
+    return compiled_forward_last() if compile else forward_last
 
 
 @functools.cache

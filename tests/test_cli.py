@@ -702,3 +702,17 @@ def test_train_scores_tasks_at_each_evaluation(data, tmp_path):
     r = run('eval', out, '--tasks', tmp_path / 'long.jsonl', '--quiet',
             '--max_new_tokens', 4)
     assert r.returncode == 0 and '| long ' in r.stdout, r.stderr
+
+
+def test_generate_compiled_frozen_gives_the_same_text(run_dir):
+    "--compile frozen: the greedy text of the eager steps; bad values refused."
+    args = ['generate', '--checkpoint', run_dir, '--max_new_tokens', 12,
+            '--temperature', 0, '--prompt', 'A']
+    eager = run(*args, '--quiet')
+    frozen = run(*args, '--compile', 'frozen')
+    assert frozen.returncode == 0, frozen.stderr[-2000:]
+    assert 'compiling' in frozen.stderr
+    assert frozen.stdout == eager.stdout
+    r = run(*args, '--compile', 'fast')
+    assert r.returncode == 1 and '--compile must be compiled or frozen' \
+        in r.stderr and len(r.stderr.strip().splitlines()) == 1

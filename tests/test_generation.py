@@ -547,3 +547,41 @@ def test_bandwidth_and_decode_speed_arithmetic():
     assert d['gb_per_s'] == pytest.approx((w + kv) / 0.01 / 1e9)
     assert d['of_bandwidth'] == pytest.approx((w + kv) / 0.01 / 1e9)
     assert d['ceiling'] == pytest.approx(2 * 1e9 / (w + kv))
+
+
+def test_frozen_decode_matches_eager_and_follows_changed_weights():
+    "Weights as constants: eager's logits; changed weights are never stale."
+    model = model_of('tiny-llama')
+    c = model.config
+    idx, mask, pos = left_pad(PROMPTS)
+    B, L = idx.shape
+    full = torch.cat([mask, mask.new_ones(B, 2)], 1)
+
+    def step_logits(step):
+        "Logits of one decode step by `step`, after an eager prefill."
+        cache = [generation.StaticKVCache(B, c.n_kv_head, L + 2, c.head_dim)
+                 for _ in range(c.n_layer)]
+        with torch.inference_mode():
+            first = generation.forward_last(model, idx, cache, pos, full)
+            return step(model, first.argmax(-1)[:, None], cache,
+                        pos[:, -1:] + 1, full)
+
+    eager = step_logits(generation.forward_last)
+    frozen = generation.frozen_forward_last(model)
+    assert torch.allclose(step_logits(frozen), eager, atol=1e-4)
+    with torch.no_grad():  # as a fused optimizer does: no version bump
+        for p in model.parameters():
+            p.data.mul_(1.5)
+    changed = step_logits(generation.forward_last)
+    assert not torch.allclose(changed, eager, atol=1e-2)
+    # a plain compile right after a frozen one never runs its constants
+    plain = generation.compiled_forward_last()
+    assert torch.allclose(step_logits(plain), changed, atol=1e-4)
+    again = generation.frozen_forward_last(model)
+    assert again.args != frozen.args  # compiled anew
+    assert torch.allclose(step_logits(again), changed, atol=1e-4)
+    assert generation.frozen_forward_last(model).args == again.args
+    assert generate(model, PROMPTS, 4, temperature=0, compile='frozen') \
+        == generate(model, PROMPTS, 4, temperature=0)
+    with pytest.raises(ValueError, match="False, True or 'frozen'"):
+        generate(model, PROMPTS, 2, compile='fast')
