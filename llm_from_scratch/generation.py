@@ -452,12 +452,10 @@ def compiled_forward_last():
 
 
 _FROZEN = weakref.WeakKeyDictionary()  # model -> (its weights' stamp, step)
+_COPIES = itertools.count()  # numbers the copies of `_frozen`
 _AS_CONSTANTS = dict(freezing=True, max_autotune=True,  # and quietly:
                      autotune_num_choices_displayed=0,
                      max_autotune_report_choices_stats=False)
-
-
-_COPIES = itertools.count()
 
 
 def weights_stamp(model):
@@ -496,10 +494,10 @@ def frozen_forward_last(model):
 
 
 def decode_step(model, compile):
-    "The function that runs a decode step: eager, compiled or frozen."
+    "The compiled decode step: frozen for `model`, or the shared one."
     if compile == 'frozen':
         return frozen_forward_last(model)
-    return compiled_forward_last() if compile else forward_last
+    return compiled_forward_last()
 
 
 @functools.cache
